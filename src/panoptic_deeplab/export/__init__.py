@@ -1,0 +1,1 @@
+"""export stage of panoptic_deeplab."""

@@ -1,0 +1,1 @@
+"""inference stage of panoptic_deeplab."""

@@ -1,0 +1,1 @@
+"""modeling stage of panoptic_deeplab."""
