@@ -34,6 +34,242 @@ def _parse_size(text: str) -> tuple[int, int]:
 COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = []
 
 
+def _add_make_synthetic(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-synthetic",
+        help="write the built-in synthetic panoptic dataset (COCO panoptic format)",
+        description="Write DIR/<split>/images/*.png, DIR/<split>/panoptic/*.png and "
+        "DIR/<split>/panoptic_<split>.json. The same seed gives identical files.",
+    )
+    p.add_argument("--out", required=True, help="output directory DIR")
+    p.add_argument("--split", choices=("train", "val"), default="train")
+    p.add_argument("--num", type=int, default=100, help="number of images (default 100)")
+    p.add_argument("--size", type=_parse_size, default=(256, 512), help="HxW (default 256x512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_make_synthetic(args: argparse.Namespace) -> int:
+    from panoptic_deeplab.data.synthetic import make_synthetic_dataset
+
+    paths = make_synthetic_dataset(args.out, args.split, args.num, args.size, args.seed,
+                                   progress=not args.no_progress)
+    print(f"wrote {args.num} images: --json {paths.json_path} --png-dir {paths.png_dir} "
+          f"--images {paths.image_dir}")
+    return EXIT_OK
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check a COCO panoptic dataset and list every problem",
+        description="Exit status: 0 no problem, 1 problems found (all are printed), 2 unusable arguments.",
+    )
+    p.add_argument("--json", required=True, help="COCO panoptic annotation JSON")
+    p.add_argument("--png-dir", required=True, help="directory of the panoptic PNGs")
+    p.add_argument("--images", required=True, help="directory of the images")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from panoptic_deeplab.data.validate import summarize, validate_dataset
+
+    problems = validate_dataset(args.json, args.png_dir, args.images, progress=not args.no_progress)
+    for problem in problems:
+        print(problem)
+    print(f"validate: {summarize(problems)}")
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (single process, or under torchrun for several GPUs / nodes)",
+        description="Train with a preset or YAML config plus key=value overrides (e.g. solver.lr=5e-4). "
+        "Several processes: torchrun --nproc_per_node N -m panoptic_deeplab.cli train ... "
+        "Exit status: 0 done, 1 training diverged (NaN/inf loss), 2 unusable config, data or checkpoint.",
+    )
+    p.add_argument("--config", required=True, help="preset name (e.g. synthetic_mnv3) or YAML file")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from a checkpoint: 'auto' = the latest in the output directory (if any)")
+    p.add_argument("--output-dir", default=None, help="overrides train.output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.max_iter=1000")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from panoptic_deeplab.config import load_config
+    from panoptic_deeplab.engine.checkpoint import CheckpointError
+    from panoptic_deeplab.engine.trainer import TrainingDivergedError, train
+
+    # Under torchrun only rank 0 reports progress; the other ranks print warnings and errors.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir is not None:
+        cfg.train.output_dir = args.output_dir
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingDivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if main_rank:
+        best = f", best PQ {100 * result.best_metric:.2f} at iteration {result.best_iteration}" \
+            if result.best_metric is not None else ""
+        print(f"trained to iteration {result.iteration}{best}; checkpoints in {cfg.train.output_dir}")
+    return EXIT_OK
+
+
+def _add_model_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "model-info",
+        help="print parameters and multiply-adds of the network (backbone / semantic / instance)",
+        description="Counts on the meta device: no weights are loaded and nothing is computed. "
+        "Multiply-adds cover convolutions and matrix products (FLOPs / 2).",
+    )
+    p.add_argument("--backbone", default="mobilenetv3_large",
+                   help="preset (mobilenetv3_large, resnet50, resnet101, xception65, xception71) or timm name")
+    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--size", type=_parse_size, default=(1025, 2049), help="input HxW (default 1025x2049)")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=16)
+    p.add_argument("--aspp-separable", action="store_true", help="depthwise-separable ASPP convs (D2)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_model_info(args: argparse.Namespace) -> int:
+    import json
+
+    from panoptic_deeplab.config import ModelConfig
+    from panoptic_deeplab.modeling.flops import format_model_info, model_info
+
+    cfg = ModelConfig(backbone=args.backbone, pretrained=False, num_classes=args.num_classes,
+                      output_stride=args.output_stride, aspp_separable=args.aspp_separable)
+    info = model_info(cfg, args.size)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else format_model_info(info))
+    return EXIT_OK
+
+
+def _parse_scales(text: str) -> tuple[float, ...]:
+    """'0.75,1,1.25' -> (0.75, 1.0, 1.25)."""
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales {text!r} are not comma-separated numbers, e.g. 0.75,1,1.25") from None
+    if any(not s > 0 for s in scales):
+        raise argparse.ArgumentTypeError(f"scales {text!r} must all be positive")
+    return scales
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="run a trained model on an image or a folder of images",
+        description="Writes OUT/predictions.json + OUT/panoptic/<stem>.png (COCO panoptic format) and, "
+        "unless --no-pictures, OUT/pictures/<stem>_overlay.png, <stem>_center.png and <stem>_offset.png.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by train")
+    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--output", required=True, help="output directory OUT")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:K")
+    p.add_argument("--categories", default=None, metavar="JSON",
+                   help="COCO panoptic JSON whose categories to use (for checkpoints without them)")
+    p.add_argument("--tta-flip", action="store_true", help="also average the horizontally flipped image")
+    p.add_argument("--tta-scales", type=_parse_scales, default=(1.0,), metavar="S1,S2,...",
+                   help="average over these input scales, e.g. 0.75,1,1.25 (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    p.add_argument("--no-pictures", action="store_true", help="only write the COCO panoptic predictions")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from panoptic_deeplab.data.coco_panoptic import load_image, load_panoptic_json
+    from panoptic_deeplab.engine.checkpoint import CheckpointError
+    from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
+    from panoptic_deeplab.inference.visualize import center_heatmap_image, offset_field_image, overlay_panoptic
+
+    paths = list_images(args.input)
+    meta = load_panoptic_json(args.categories).meta if args.categories else None
+    try:
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, device=args.device, meta=meta, tta_flip=args.tta_flip,
+            tta_scales=args.tta_scales, batch_size=args.batch_size,
+        )
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = Path(args.output)
+    pictures = out / "pictures"
+    if not args.no_pictures:
+        pictures.mkdir(parents=True, exist_ok=True)
+    progress = tqdm(total=len(paths), unit="img", disable=args.no_progress or len(paths) == 1)
+    for path, result in predict_folder(predictor, paths, out / "predictions.json", out / "panoptic"):
+        if not args.no_pictures:
+            centers = result.centers.tolist()
+            overlay_panoptic(load_image(path), result.label_map, predictor.meta).save(
+                pictures / f"{path.stem}_overlay.png")
+            center_heatmap_image(result.center, centers=centers).save(pictures / f"{path.stem}_center.png")
+            offset_field_image(result.offset).save(pictures / f"{path.stem}_offset.png")
+        progress.update(1)
+    progress.close()
+    print(f"predicted {len(paths)} image(s): {out / 'predictions.json'}, {out / 'panoptic'}"
+          + ("" if args.no_pictures else f", pictures in {pictures}"))
+    return EXIT_OK
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="panoptic quality (PQ, SQ, RQ) of predictions against ground truth",
+        description="Files form: --gt-json/--gt-dir against --pred-json/--pred-dir, all in the COCO panoptic "
+        "format; PQ exactly as panopticapi pq_compute. Prints a table (All / Things / Stuff, per class) and "
+        "writes the full report (per class and per image) to --output.",
+    )
+    p.add_argument("--gt-json", required=True, help="ground-truth COCO panoptic JSON (its categories are used)")
+    p.add_argument("--gt-dir", required=True, help="directory of the ground-truth panoptic PNGs")
+    # the source of the predictions: files now; a model (--checkpoint with --config) joins this group later
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pred-json", help="predicted COCO panoptic JSON (needs --pred-dir)")
+    p.add_argument("--pred-dir", help="directory of the predicted panoptic PNGs")
+    p.add_argument("--output", default=None, metavar="REPORT.json", help="write the report as JSON (atomically)")
+    p.add_argument("--workers", type=int, default=None, help="processes reading images (default: all CPUs)")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from panoptic_deeplab.evaluation import evaluate_panoptic_files
+
+    if args.pred_json is not None and args.pred_dir is None:
+        print("error: --pred-json needs --pred-dir (the folder of its PNGs)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    report = evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers)
+    print(report.format_table())
+    if args.output is not None:
+        report.save_json(args.output)
+        print(f"report written to {args.output}")
+    return EXIT_OK
+
+
+COMMANDS.extend([
+    ("make-synthetic", _add_make_synthetic, _run_make_synthetic),
+    ("validate", _add_validate, _run_validate),
+    ("train", _add_train, _run_train),
+    ("model-info", _add_model_info, _run_model_info),
+    ("predict", _add_predict, _run_predict),
+    ("evaluate", _add_evaluate, _run_evaluate),
+])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="panoptic-deeplab",

@@ -1,14 +1,29 @@
 """COCO panoptic format: PNG ids, JSON annotations, category metadata and label maps.
 
 See docs/ARCHITECTURE.md for the label-map representation shared by every stage.
+
+* Files: :func:`read_panoptic_png` / :func:`write_panoptic_png` (ids ``R + 256 G + 256^2 B``, 0 = void),
+  :func:`load_panoptic_json` / :func:`save_panoptic_json` (typed as :class:`PanopticDataset`),
+  :func:`load_image`. Writes are atomic (temporary file + ``os.replace``).
+* Conversions: :func:`ids_to_label_map` and :func:`label_map_to_ids`; :func:`segment_areas_bboxes`.
+* Checks: :func:`annotation_problems` lists every defect of one annotation; :func:`load_annotation`
+  (what datasets use) raises :class:`DatasetError` on the first one. Whole-dataset validation is in
+  :mod:`panoptic_deeplab.data.validate`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import tempfile
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
+from PIL import Image
 
 LABEL_DIVISOR = 1000
 IGNORE_LABEL = 255
@@ -152,3 +167,463 @@ def thing_mask_lookup(thing_ids: Sequence[int], num_entries: int = IGNORE_LABEL 
     table = np.zeros(num_entries, dtype=bool)
     table[list(thing_ids)] = True
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect found in a dataset: the file concerned, the segment if any, and what is wrong."""
+
+    file: str
+    message: str
+    segment_id: int | None = None
+
+    def __str__(self) -> str:
+        segment = f"segment {self.segment_id}: " if self.segment_id is not None else ""
+        return f"{self.file}: {segment}{self.message}"
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, unreadable or inconsistent; the message names the file (and segment).
+
+    Constructed from a :class:`Problem` (kept as ``.problem``) or from a plain message, so that it can be
+    re-raised from a single string (as DataLoader workers do).
+    """
+
+    def __init__(self, problem: Problem | str) -> None:
+        self.problem = problem if isinstance(problem, Problem) else None
+        super().__init__(str(problem))
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed JSON representation
+
+
+def _require(entry: Any, keys: Sequence[str], what: str, context: str) -> None:
+    if not isinstance(entry, dict):
+        raise DatasetError(Problem(context, f"{what} {entry!r} is not a JSON object"))
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise DatasetError(Problem(context, f"{what} {_short(entry)} lacks the field(s) {missing}"))
+
+
+def _short(entry: Any, limit: int = 120) -> str:
+    text = repr(entry)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _as_int(value: Any, what: str, context: str, segment_id: int | None = None) -> int:
+    """JSON numbers to int; integral floats (``12.0``) are accepted, anything else is an error."""
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise DatasetError(Problem(context, f"{what} is {value!r}, expected an integer", segment_id)) from None
+    if not as_float.is_integer():
+        raise DatasetError(Problem(context, f"{what} is {value!r}, expected an integer", segment_id))
+    return int(as_float)
+
+
+@dataclass
+class SegmentInfo:
+    """One entry of an annotation's ``segments_info``; ``bbox`` is ``(x, y, w, h)`` in pixels."""
+
+    id: int
+    category_id: int
+    area: int
+    bbox: tuple[int, int, int, int]
+    iscrowd: bool = False
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any], context: str = "") -> "SegmentInfo":
+        _require(entry, ("id", "category_id"), "segment", context)
+        seg_id = _as_int(entry["id"], "id", context)
+        bbox = entry.get("bbox", (0, 0, 0, 0))
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            raise DatasetError(Problem(context, f"bbox is {bbox!r}, expected [x, y, w, h]", seg_id))
+        iscrowd = _as_int(entry.get("iscrowd", 0), "iscrowd", context, seg_id)
+        if iscrowd not in (0, 1):
+            raise DatasetError(Problem(context, f"iscrowd is {iscrowd}, expected 0 or 1", seg_id))
+        return cls(
+            id=seg_id,
+            category_id=_as_int(entry["category_id"], "category_id", context, seg_id),
+            area=_as_int(entry.get("area", 0), "area", context, seg_id),
+            bbox=tuple(_as_int(v, "bbox", context, seg_id) for v in bbox),  # type: ignore[arg-type]
+            iscrowd=bool(iscrowd),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": int(self.id),
+            "category_id": int(self.category_id),
+            "area": int(self.area),
+            "bbox": [int(v) for v in self.bbox],
+            "iscrowd": int(self.iscrowd),
+        }
+
+
+@dataclass
+class ImageInfo:
+    """One entry of ``images``. Ids may be ints (COCO) or strings (Cityscapes)."""
+
+    id: int | str
+    file_name: str
+    height: int
+    width: int
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any], context: str = "") -> "ImageInfo":
+        _require(entry, ("id", "file_name", "height", "width"), "image", context)
+        return cls(
+            id=entry["id"],
+            file_name=str(entry["file_name"]),
+            height=_as_int(entry["height"], f"height of image {entry['id']!r}", context),
+            width=_as_int(entry["width"], f"width of image {entry['id']!r}", context),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "file_name": self.file_name, "height": int(self.height), "width": int(self.width)}
+
+
+@dataclass
+class PanopticAnnotation:
+    """One entry of ``annotations``: the PNG ``file_name`` and its segments."""
+
+    image_id: int | str
+    file_name: str
+    segments_info: list[SegmentInfo] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any], context: str = "") -> "PanopticAnnotation":
+        _require(entry, ("image_id", "file_name", "segments_info"), "annotation", context)
+        where = f"{context} (annotation {entry['file_name']})" if context else str(entry["file_name"])
+        if not isinstance(entry["segments_info"], list):
+            raise DatasetError(Problem(where, "segments_info is not a list"))
+        return cls(
+            image_id=entry["image_id"],
+            file_name=str(entry["file_name"]),
+            segments_info=[SegmentInfo.from_json(s, where) for s in entry["segments_info"]],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image_id": self.image_id,
+            "file_name": self.file_name,
+            "segments_info": [s.to_json() for s in self.segments_info],
+        }
+
+
+@dataclass
+class PanopticDataset:
+    """A COCO panoptic JSON file: images, annotations and categories (as :class:`DatasetMeta`).
+
+    Top-level keys other than the three (``info``, ``licenses``) are kept verbatim in ``extra``.
+    """
+
+    images: list[ImageInfo]
+    annotations: list[PanopticAnnotation]
+    meta: DatasetMeta
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def image_by_id(self) -> dict[int | str, ImageInfo]:
+        return {im.id: im for im in self.images}
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        out["images"] = [im.to_json() for im in self.images]
+        out["annotations"] = [a.to_json() for a in self.annotations]
+        out["categories"] = self.meta.to_json()
+        return out
+
+
+def load_panoptic_json(path: str | os.PathLike[str]) -> PanopticDataset:
+    """Read a COCO panoptic JSON file; structural defects raise :class:`DatasetError` naming the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(Problem(path, "file not found")) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(Problem(path, f"cannot read the JSON: {exc}")) from None
+    _require(raw, ("images", "annotations", "categories"), "the top-level object", path)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(raw[key], list):
+            raise DatasetError(Problem(path, f"'{key}' is not a list"))
+    try:
+        meta = DatasetMeta.from_json(raw["categories"])
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(Problem(path, f"invalid categories: {exc}")) from None
+    return PanopticDataset(
+        images=[ImageInfo.from_json(e, path) for e in raw["images"]],
+        annotations=[PanopticAnnotation.from_json(e, path) for e in raw["annotations"]],
+        meta=meta,
+        extra={k: v for k, v in raw.items() if k not in ("images", "annotations", "categories")},
+    )
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through ``write(fileobj)`` into a temporary sibling, then ``os.replace`` it.
+
+    Readers never see a half-written file, and an interrupted run leaves the old file (or none).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_panoptic_json(path: str | os.PathLike[str], dataset: PanopticDataset) -> None:
+    """Write ``dataset`` as a COCO panoptic JSON file (atomically)."""
+    data = json.dumps(dataset.to_json()).encode("utf-8")
+    write_atomic(path, lambda f: f.write(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG files
+
+
+def _open_image(path: str) -> Image.Image:
+    """Open and fully decode an image; missing, unreadable and truncated files raise DatasetError."""
+    try:
+        image = Image.open(path)
+        image.load()  # decoding everything is what detects truncated files
+    except FileNotFoundError:
+        raise DatasetError(Problem(path, "file not found")) from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
+        raise DatasetError(Problem(path, f"unreadable or truncated image ({exc})")) from None
+    return image
+
+
+def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a panoptic PNG -> segment ids ``[H, W]`` int32 (``R + 256 G + 256^2 B``, 0 = void)."""
+    path = os.fspath(path)
+    image = _open_image(path)
+    if image.mode not in ("RGB", "RGBA"):
+        raise DatasetError(Problem(path, f"a panoptic PNG must be RGB, this one has mode {image.mode!r}"))
+    return rgb2id(np.asarray(image)[..., :3])
+
+
+def write_panoptic_png(path: str | os.PathLike[str], ids: np.ndarray) -> None:
+    """Write segment ids ``[H, W]`` as a panoptic RGB PNG (atomically)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"expected an [H, W] id map, got shape {tuple(ids.shape)}")
+    image = Image.fromarray(id2rgb(ids), mode="RGB")
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image as RGB uint8 ``[H, W, 3]``; missing, corrupt or truncated files raise DatasetError."""
+    return np.asarray(_open_image(os.fspath(path)).convert("RGB"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Segment statistics and conversions
+
+
+def segment_areas_bboxes(id_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct values of an integer map with their pixel counts and boxes, without per-segment loops.
+
+    Returns ``(values [K], areas [K] int64, bboxes [K, 4] int64 as (x, y, w, h))``, values sorted.
+    """
+    id_map = np.asarray(id_map)
+    if id_map.ndim != 2 or id_map.size == 0:
+        raise ValueError(f"expected a non-empty [H, W] map, got shape {tuple(id_map.shape)}")
+    width = id_map.shape[1]
+    # Work on horizontal runs of equal values instead of pixels: segment maps have few runs per row,
+    # so sorting the run values is far cheaper than np.unique over every pixel.
+    starts = np.ones(id_map.shape, dtype=bool)
+    np.not_equal(id_map[:, 1:], id_map[:, :-1], out=starts[:, 1:])
+    ys, xs = np.nonzero(starts)  # raster order
+    ends = np.full(len(xs), width - 1, dtype=xs.dtype)  # last column of each run
+    same_row = ys[1:] == ys[:-1]
+    ends[:-1][same_row] = xs[1:][same_row] - 1
+    values, inverse = np.unique(id_map[ys, xs], return_inverse=True)
+    k = len(values)
+    areas = np.bincount(inverse, weights=ends - xs + 1, minlength=k).astype(np.int64)
+    x0, y0 = np.full(k, width, dtype=np.int64), np.full(k, id_map.shape[0], dtype=np.int64)
+    x1, y1 = np.full(k, -1, dtype=np.int64), np.full(k, -1, dtype=np.int64)
+    np.minimum.at(x0, inverse, xs)
+    np.maximum.at(x1, inverse, ends)
+    np.minimum.at(y0, inverse, ys)
+    np.maximum.at(y1, inverse, ys)
+    bboxes = np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], axis=1)
+    return values, areas, bboxes
+
+
+def segment_labels(segments: Sequence[SegmentInfo], meta: DatasetMeta, context: str = "") -> np.ndarray:
+    """Label (``train_id * divisor + instance``) of each segment, in ``segments`` order.
+
+    Non-crowd thing segments are numbered 1, 2, ... per class in list order; stuff and crowd get 0.
+    """
+    counters: dict[int, int] = {}
+    labels = np.empty(len(segments), dtype=np.int64)
+    for i, seg in enumerate(segments):
+        try:
+            train_id = meta.train_id(seg.category_id)
+        except ValueError:
+            raise DatasetError(
+                Problem(context, f"unknown category id {seg.category_id}; known ids are "
+                        f"{sorted(meta.category_to_train)}", seg.id)
+            ) from None
+        instance = 0
+        if meta.is_thing_train_id(train_id) and not seg.iscrowd:
+            instance = counters.get(train_id, 0) + 1
+            counters[train_id] = instance
+            if instance >= meta.label_divisor:
+                raise DatasetError(
+                    Problem(context, f"more than {meta.label_divisor - 1} instances of category "
+                            f"{seg.category_id} do not fit label_divisor {meta.label_divisor}", seg.id)
+                )
+        labels[i] = train_id * meta.label_divisor + instance
+    return labels
+
+
+def ids_to_label_map(
+    ids: np.ndarray, segments: Sequence[SegmentInfo], meta: DatasetMeta, context: str = ""
+) -> np.ndarray:
+    """Panoptic id map + segments_info -> label map ``train_id * divisor + instance`` (int32).
+
+    Id 0 becomes ``meta.void_label``; a nonzero id without a segment raises DatasetError naming
+    ``context`` (the PNG) and the id.
+    """
+    ids = np.asarray(ids)
+    seg_ids = np.array([s.id for s in segments], dtype=np.int64)
+    labels = segment_labels(segments, meta, context)
+    # Void joins the table as id 0 so one searchsorted resolves every pixel.
+    seg_ids = np.concatenate([[0], seg_ids])
+    labels = np.concatenate([[meta.void_label], labels])
+    order = np.argsort(seg_ids, kind="stable")
+    sorted_ids, sorted_labels = seg_ids[order], labels[order]
+    pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+    found = sorted_ids[pos] == ids
+    if not found.all():
+        missing = np.unique(ids[~found])
+        raise DatasetError(
+            Problem(context, f"present in the PNG ({int((ids == missing[0]).sum())} pixels) but missing "
+                    "from segments_info" + (f"; also ids {missing[1:6].tolist()}" if len(missing) > 1 else ""),
+                    int(missing[0]))
+        )
+    return sorted_labels[pos].astype(np.int32)
+
+
+def label_map_to_ids(label_map: np.ndarray, meta: DatasetMeta) -> tuple[np.ndarray, list[SegmentInfo]]:
+    """Label map -> (panoptic id map int32, segments_info) with fresh ids ``1..K``.
+
+    One segment per distinct label, in increasing label order; void (train id = ignore label) -> id 0;
+    thing labels with instance 0 become crowd segments. Area and bbox are computed from the map.
+    """
+    label_map = np.asarray(label_map)
+    values, areas, bboxes = segment_areas_bboxes(label_map)
+    train_ids = values // meta.label_divisor
+    instances = values % meta.label_divisor
+    is_void = train_ids == meta.ignore_label
+    bad = (~is_void) & ((values < 0) | (train_ids >= meta.num_classes))
+    if bad.any():
+        raise ValueError(
+            f"label {int(values[bad][0])} has train id {int(train_ids[bad][0])} outside "
+            f"0..{meta.num_classes - 1} (and is not void {meta.void_label})"
+        )
+    is_thing = thing_mask_lookup(meta.thing_train_ids, max(meta.num_classes, meta.ignore_label + 1))
+    stuff_with_instance = (~is_void) & (~is_thing[np.where(is_void, 0, train_ids)]) & (instances != 0)
+    if stuff_with_instance.any():
+        raise ValueError(
+            f"label {int(values[stuff_with_instance][0])} gives an instance number to the stuff class "
+            f"{meta.class_names[int(train_ids[stuff_with_instance][0])]!r}"
+        )
+    new_ids = np.zeros(len(values), dtype=np.int32)
+    keep = np.flatnonzero(~is_void)
+    new_ids[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    ids = new_ids[np.searchsorted(values, label_map)]
+    segments = [
+        SegmentInfo(
+            id=int(new_ids[k]),
+            category_id=meta.category_id(int(train_ids[k])),
+            area=int(areas[k]),
+            bbox=tuple(int(v) for v in bboxes[k]),  # type: ignore[arg-type]
+            iscrowd=bool(is_thing[train_ids[k]] and instances[k] == 0),
+        )
+        for k in keep
+    ]
+    return ids, segments
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of one annotation
+
+
+def annotation_problems(
+    ids: np.ndarray,
+    annotation: PanopticAnnotation,
+    meta: DatasetMeta,
+    png_path: str,
+    image: ImageInfo | None = None,
+) -> list[Problem]:
+    """Every inconsistency between a decoded panoptic PNG, its ``segments_info`` and its image entry."""
+    problems: list[Problem] = []
+    if image is not None and ids.shape != (image.height, image.width):
+        problems.append(Problem(
+            png_path, f"PNG is {ids.shape[0]}x{ids.shape[1]} (HxW) but the JSON entry of image "
+            f"{image.id!r} says {image.height}x{image.width}"))
+    values, areas, bboxes = segment_areas_bboxes(ids)
+    in_png = {int(v): k for k, v in enumerate(values)}
+    seen: set[int] = set()
+    for seg in annotation.segments_info:
+        if seg.id in seen:
+            problems.append(Problem(png_path, "listed twice in segments_info", seg.id))
+            continue
+        seen.add(seg.id)
+        if seg.id == 0:
+            problems.append(Problem(png_path, "id 0 is reserved for void and cannot be a segment", 0))
+            continue
+        if seg.category_id not in meta.category_to_train:
+            problems.append(Problem(png_path, f"unknown category id {seg.category_id}; known ids are "
+                                    f"{sorted(meta.category_to_train)}", seg.id))
+        k = in_png.get(seg.id)
+        if k is None:
+            problems.append(Problem(png_path, "listed in segments_info but absent from the PNG", seg.id))
+            continue
+        if seg.area != areas[k]:
+            problems.append(Problem(png_path, f"area is {seg.area} in the JSON but the PNG has "
+                                    f"{int(areas[k])} pixels", seg.id))
+        if tuple(seg.bbox) != tuple(int(v) for v in bboxes[k]):
+            problems.append(Problem(png_path, f"bbox is {list(seg.bbox)} in the JSON but the PNG gives "
+                                    f"{bboxes[k].tolist()}", seg.id))
+    for value, k in in_png.items():
+        if value != 0 and value not in seen:
+            problems.append(Problem(png_path, f"present in the PNG ({int(areas[k])} pixels) but missing "
+                                    "from segments_info", value))
+    return problems
+
+
+def load_annotation(
+    annotation: PanopticAnnotation,
+    png_dir: str | os.PathLike[str],
+    meta: DatasetMeta,
+    image: ImageInfo | None = None,
+    image_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Read, check and convert one annotation to a label map ``[H, W]`` int32.
+
+    ``image`` (its JSON entry) and ``image_shape`` (the decoded image's ``(H, W)``) enable the size
+    checks. Raises :class:`DatasetError` on the first problem, with the messages of ``validate``.
+    """
+    png_path = os.path.join(os.fspath(png_dir), annotation.file_name)
+    ids = read_panoptic_png(png_path)
+    problems = annotation_problems(ids, annotation, meta, png_path, image)
+    if image_shape is not None and tuple(image_shape) != ids.shape:
+        problems.append(Problem(png_path, f"PNG is {ids.shape[0]}x{ids.shape[1]} (HxW) but its image "
+                                f"{image.file_name if image else ''} is {image_shape[0]}x{image_shape[1]}"))
+    if problems:
+        raise DatasetError(problems[0])
+    return ids_to_label_map(ids, annotation.segments_info, meta, png_path)

@@ -1,0 +1,184 @@
+"""Training checkpoints: atomic writes, rotation, safe loading and RNG state capture.
+
+A checkpoint is a plain ``dict`` holding only tensors and plain Python types (``dict``, ``list``,
+``tuple``, ``str``, ``int``, ``float``, ``bool``, ``None``) so that it loads with
+``torch.load(weights_only=True)``: a file from a stranger cannot run code when it is opened.
+
+Keys written by the trainer:
+
+* ``model``: the state dict of the (unwrapped) model;
+* ``optimizer``, ``scheduler``, ``scaler``: their state dicts (``scaler`` may be ``None``);
+* ``iteration``: the number of completed optimisation steps;
+* ``config``: the resolved configuration as a plain dict;
+* ``rng``: one entry per rank, each ``{"python", "numpy", "torch", "cuda"}`` (see ``capture_rng_state``);
+* ``best_metric``, ``best_iteration``: the best validation PQ so far (``None`` before any evaluation).
+
+Files in the output directory: ``model_0001000.pt`` (the last ``keep_last`` are kept) and ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pt$")
+BEST_NAME = "best.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or not a checkpoint this project can load safely."""
+
+
+def checkpoint_name(iteration: int) -> str:
+    """File name of the periodic checkpoint after ``iteration`` completed steps."""
+    return f"model_{iteration:07d}.pt"
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename durable; some platforms (Windows) cannot open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` so that a crash leaves either the old file or the complete new one.
+
+    Writes a temporary file in the same directory (same file system, so the rename is atomic),
+    flushes and fsyncs it, ``os.replace``s it over ``path`` and fsyncs the directory.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by this project, refusing anything that could run code.
+
+    ``torch.load(weights_only=True)`` only rebuilds tensors and plain Python containers; a pickle
+    that references any other callable (e.g. a malicious ``__reduce__``) raises ``CheckpointError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects other than tensors and plain Python types, "
+            f"so it may run code when unpickled (torch.load weights_only=True said: {str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a panoptic-deeplab checkpoint (expected a dict with a 'model' entry)")
+    return ckpt
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Periodic checkpoints in ``directory`` as ``(iteration, path)``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = CHECKPOINT_PATTERN.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The periodic checkpoint with the highest iteration in ``directory``, or ``None``."""
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """``None`` -> no resume; ``"auto"`` -> latest checkpoint in ``output_dir`` (``None`` if there is
+    none: a fresh run); anything else is a path that must exist."""
+    if resume is None or resume == "":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+    return path
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete periodic checkpoints except the newest ``keep_last`` (``best.pt`` is never touched)."""
+    if keep_last <= 0:
+        return []
+    removed = []
+    for _, p in list_checkpoints(directory)[:-keep_last]:
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of python, numpy, torch CPU and (when present) CUDA, as tensors and plain types."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),  # (int, tuple of ints, float | None): plain types
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda_states = [s.cpu() for s in state["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)

@@ -1,0 +1,476 @@
+"""The training loop (SPEC §4.1): Adam, poly learning rate, gradient accumulation, mixed precision,
+periodic evaluation, checkpoints, TensorBoard, single process or torch.distributed (see ``distributed.py``).
+
+Exact resumption: a checkpoint after ``it`` optimisation steps restores the model, optimizer, scheduler,
+scaler and every rank's RNG states; the data stream is positioned at micro-batch ``it * grad_accum``
+(epoch ``m // len(loader)``, then the sampler skips the batches already seen in that epoch). Since the
+dataset seeds its augmentation per sample from ``(seed, epoch, index)``, the resumed run sees the same
+batches, with the same augmentation, as an uninterrupted one and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from panoptic_deeplab.config import Config, config_to_dict, save_config, validate_config
+from panoptic_deeplab.engine import checkpoint as ckpt_io
+from panoptic_deeplab.engine.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+    reduce_mean,
+    unwrap_model,
+    wrap_model,
+)
+
+logger = logging.getLogger("panoptic_deeplab.train")
+
+LOSS_TERMS = ("total", "semantic", "center", "offset")
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss became NaN or infinite; no optimizer step and no checkpoint were made with it."""
+
+
+def poly_lr_factor(it: int, max_iter: int, power: float = 0.9, warmup_iters: int = 0, warmup_factor: float = 0.001) -> float:
+    """Multiplier of the base learning rate after ``it`` steps (SPEC §4.1).
+
+    Poly decay ``(1 - it / max_iter) ** power`` to 0 at ``max_iter``; during the first ``warmup_iters``
+    steps it is further multiplied by a linear ramp from ``warmup_factor`` to 1 (detectron2's WarmupPolyLR).
+    """
+    if max_iter <= 0:
+        raise ValueError(f"solver.max_iter must be positive, got {max_iter}")
+    it = min(max(it, 0), max_iter)
+    factor = (1.0 - it / max_iter) ** power
+    if it < warmup_iters:
+        alpha = it / warmup_iters
+        factor *= warmup_factor * (1.0 - alpha) + alpha
+    return factor
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the names, dtypes, shapes and bytes of a state dict (to compare weights across ranks)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    """What ``Trainer.train`` returns."""
+
+    iteration: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per step run in this process
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_iteration: int | None = None
+    last_checkpoint: Path | None = None
+    weights_digest: str = ""
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Trainer:
+    """Builds the model, loss, optimizer, scheduler and loaders from ``cfg`` and runs training.
+
+    ``resume``: ``None`` (fresh run), ``"auto"`` (latest checkpoint in ``cfg.train.output_dir``, if any)
+    or a checkpoint path. Call ``close()`` (or use the ``train`` function) to release the process group.
+    """
+
+    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+        from panoptic_deeplab.data.dataset import batches_per_epoch, build_train_loader
+        from panoptic_deeplab.modeling import build_model
+        from panoptic_deeplab.modeling.losses import PanopticDeepLabLoss
+
+        validate_config(cfg)
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        self.output_dir = Path(cfg.train.output_dir)
+        self.is_main = self.dist.is_main
+        if cfg.solver.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on CPU")
+
+        # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's), then a
+        # rank-specific one so that dropout differs between ranks.
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model)
+        seed_everything(cfg.train.seed + self.dist.rank)
+        self.model = wrap_model(model, self.dist)
+        self.criterion = PanopticDeepLabLoss(cfg.loss)
+        s = cfg.solver
+        self.optimizer = torch.optim.Adam(
+            unwrap_model(self.model).parameters(),
+            lr=s.lr,
+            betas=tuple(s.betas),
+            eps=s.eps,
+            weight_decay=s.weight_decay,  # SPEC §4.1: 0 (no weight decay)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            partial(
+                poly_lr_factor,
+                max_iter=s.max_iter,
+                power=s.poly_power,
+                warmup_iters=s.warmup_iters,
+                warmup_factor=s.warmup_factor,
+            ),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=s.amp == "fp16")
+        self.iteration = 0
+        self.best_metric: float | None = None
+        self.best_iteration: int | None = None
+        self.last_checkpoint: Path | None = None
+        self.evaluations: list[dict[str, Any]] = []
+
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        resume_path = broadcast_object(
+            ckpt_io.resolve_resume(resume, self.output_dir) if self.is_main else None, self.dist
+        )
+        if resume_path is not None:
+            self._load(Path(resume_path))
+
+        self.train_loader = build_train_loader(
+            cfg, distributed=self.dist.distributed, rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.train.seed
+        )
+        if self.is_main:
+            logger.info("%d batches per epoch and process", batches_per_epoch(self.train_loader))
+        self._writer = None
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _load(self, path: Path) -> None:
+        state = ckpt_io.load_checkpoint(path, map_location=self.device)
+        try:
+            unwrap_model(self.model).load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ckpt_io.CheckpointError(f"{path}: the weights do not fit the configured model: {exc}") from exc
+        for key in ("optimizer", "scheduler", "iteration"):
+            if key not in state:
+                raise ckpt_io.CheckpointError(f"{path} cannot resume training: it has no {key!r} entry")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.best_metric = state.get("best_metric")
+        self.best_iteration = state.get("best_iteration")
+        rng = state.get("rng") or []
+        if len(rng) == self.dist.world_size:
+            ckpt_io.restore_rng_state(rng[self.dist.rank])
+        else:
+            logger.warning(
+                "%s was written by %d process(es), this run has %d: RNG states are not restored, so the "
+                "continuation is not bit-identical to an uninterrupted run",
+                path,
+                len(rng),
+                self.dist.world_size,
+            )
+        self.last_checkpoint = path
+        if self.is_main:
+            logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _checkpoint_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "model": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "iteration": self.iteration,
+            "config": config_to_dict(self.cfg),
+            "rng": rng,
+            "best_metric": self.best_metric,
+            "best_iteration": self.best_iteration,
+        }
+
+    def _assert_finite_weights(self) -> None:
+        bad = [n for n, p in unwrap_model(self.model).state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDivergedError(
+                f"iteration {self.iteration}: non-finite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                "no checkpoint written"
+            )
+
+    def save_checkpoint(self, best: bool = False) -> Path | None:
+        """Write ``model_<iteration>.pt`` (or ``best.pt``) from rank 0; every rank must call it."""
+        self._assert_finite_weights()  # identical weights on every rank: all raise together
+        rng = gather_objects(ckpt_io.capture_rng_state(), self.dist)
+        path = None
+        if self.is_main:
+            name = ckpt_io.BEST_NAME if best else ckpt_io.checkpoint_name(self.iteration)
+            path = ckpt_io.atomic_torch_save(self._checkpoint_state(rng), self.output_dir / name)
+            if not best:
+                ckpt_io.prune_checkpoints(self.output_dir, self.cfg.train.keep_last)
+                self.last_checkpoint = path
+        barrier(self.dist)
+        return path
+
+    # ---------------------------------------------------------------------------------------- data
+
+    def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        targets = {k: v.to(self.device, non_blocking=True) for k, v in batch["targets"].items()}
+        return images, targets
+
+    # ---------------------------------------------------------------------------------------- steps
+
+    def _step(self, stream: Iterator[dict[str, Any]]) -> dict[str, float]:
+        """One optimisation step over ``grad_accum`` micro-batches; returns the rank-averaged losses."""
+        s = self.cfg.solver
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {k: torch.zeros((), device=self.device) for k in LOSS_TERMS}
+        bad: list[tuple[list[str], list[str]]] = []  # (non-finite terms, image ids) per bad micro-batch
+        for k in range(s.grad_accum):
+            batch = next(stream)
+            images, targets = self._to_device(batch)
+            sync = k == s.grad_accum - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
+            with nullcontext() if sync else self.model.no_sync():
+                with _autocast(s.amp, self.device):
+                    outputs = self.model(images)
+                losses = self.criterion({k_: v.float() for k_, v in outputs.items()}, targets)
+                # Backward even on a non-finite loss: skipping it on one rank would leave the others
+                # waiting in DDP's gradient all-reduce. The step is abandoned below, before the optimizer.
+                self.scaler.scale(losses["total"] / s.grad_accum).backward()
+            nonfinite = [name for name in LOSS_TERMS if not torch.isfinite(losses[name]).item()]
+            if nonfinite:
+                bad.append((nonfinite, [str(i) for i in batch["image_id"]]))
+            for name in LOSS_TERMS:
+                sums[name] += losses[name].detach() / s.grad_accum
+        # One collective per step: a non-finite loss on any rank makes the mean non-finite on all ranks.
+        mean_losses = reduce_mean(sums, self.dist)
+        if not all(math.isfinite(v) for v in mean_losses.values()):
+            self._raise_diverged(bad)
+        if s.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.iteration += 1
+        return mean_losses
+
+    def _raise_diverged(self, bad: list[tuple[list[str], list[str]]]) -> None:
+        reports = gather_objects(bad, self.dist)
+        terms = sorted({t for rank_bad in reports for terms, _ in rank_bad for t in terms})
+        ids = [i for rank_bad in reports for _, ids_ in rank_bad for i in ids_]
+        last = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+        raise TrainingDivergedError(
+            f"training diverged at iteration {self.iteration + 1}: non-finite loss term(s) {terms} "
+            f"on the batch with image ids {ids}; no optimizer step and no checkpoint were made{last}"
+        )
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """PQ (and mIoU) of the current weights on the val split; computed by rank 0, sent to all ranks."""
+        metrics = self._evaluate_main() if self.is_main else None
+        return broadcast_object(metrics, self.dist)
+
+    def _evaluate_main(self) -> dict[str, Any]:
+        from panoptic_deeplab.data.dataset import build_eval_loader
+        from panoptic_deeplab.evaluation import PanopticEvaluator, SemanticEvaluator
+        from panoptic_deeplab.inference.postprocess import panoptic_postprocess
+
+        loader = build_eval_loader(self.cfg, split="val")
+        meta = loader.dataset.meta
+        model = unwrap_model(self.model)
+        model.eval()
+        evaluator = PanopticEvaluator(meta)
+        semantic_eval = SemanticEvaluator(meta.num_classes, meta.ignore_label, meta.class_names)
+        # Creating the iterator draws a seed from the global torch RNG (the eval loader has no generator of
+        # its own); fork it so that evaluating does not change the training run's random stream.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(loader)
+        try:
+            for batch in batches:
+                with _autocast(self.cfg.solver.amp, self.device):
+                    out = model(batch["image"].to(self.device))
+                out = {k: v.float() for k, v in out.items()}
+                preds = panoptic_postprocess(
+                    out["semantic"], out["center"], out["offset"], meta.thing_train_ids, self.cfg.postprocess,
+                    label_divisor=meta.label_divisor, void_label=meta.void_label,
+                )
+                for gt, pred, size, image_id in zip(batch["label_map"], preds, batch["orig_size"], batch["image_id"]):
+                    h, w = int(size[0]), int(size[1])  # drop the padding of eval_collate
+                    gt = gt[:h, :w]
+                    evaluator.update(gt, pred.label_map[:h, :w].cpu(), image_id)
+                    semantic_eval.update(gt // meta.label_divisor, pred.semantic[:h, :w].cpu())
+        finally:
+            model.train()
+        report = evaluator.compute()
+        metrics: dict[str, Any] = {
+            "iteration": self.iteration,
+            "PQ": report.all.pq,
+            "PQ_things": report.things.pq,
+            "PQ_stuff": report.stuff.pq,
+            "SQ": report.all.sq,
+            "RQ": report.all.rq,
+            "mIoU": semantic_eval.compute().miou,
+        }
+        return metrics
+
+    def _run_evaluation(self) -> None:
+        metrics = self.evaluate()
+        self.evaluations.append(metrics)
+        if self.is_main:
+            logger.info(
+                "iteration %d: PQ %.2f (things %.2f, stuff %.2f)%s",
+                self.iteration,
+                100 * metrics["PQ"],
+                100 * metrics["PQ_things"],
+                100 * metrics["PQ_stuff"],
+                f", mIoU {100 * metrics['mIoU']:.2f}",
+            )
+            for key, value in metrics.items():
+                if key != "iteration":
+                    self.writer.add_scalar(f"val/{key}", value, self.iteration)
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"type": "eval", **metrics}) + "\n")
+        if self.best_metric is None or metrics["PQ"] > self.best_metric:
+            self.best_metric, self.best_iteration = metrics["PQ"], self.iteration
+            self.save_checkpoint(best=True)
+
+    # ---------------------------------------------------------------------------------------- loop
+
+    @property
+    def writer(self):
+        """TensorBoard writer of rank 0 (created on first use)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        return self._writer
+
+    def train(self) -> TrainResult:
+        """Run from the current iteration to ``solver.max_iter``."""
+        from tqdm import tqdm
+
+        from panoptic_deeplab.data.dataset import iterate_batches
+
+        s, t = self.cfg.solver, self.cfg.train
+        images_per_step = self.cfg.data.batch_size * s.grad_accum * self.dist.world_size
+        history: list[dict[str, float]] = []
+        # Micro-batch b of the run is batch b % per_epoch of epoch b // per_epoch, whether the run started
+        # at 0 or resumed: the sampler skips the batches already seen without loading them.
+        stream = iterate_batches(self.train_loader, self.iteration * s.grad_accum)
+        bar = tqdm(total=s.max_iter, initial=self.iteration, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        window_start, window_iters = time.perf_counter(), 0
+        if self.is_main:
+            logger.info(
+                "training from iteration %d to %d on %s (%d process(es), %d images per step)",
+                self.iteration, s.max_iter, self.device, self.dist.world_size, images_per_step,
+            )
+        try:
+            while self.iteration < s.max_iter:
+                lr = self.optimizer.param_groups[0]["lr"]
+                losses = self._step(stream)
+                window_iters += 1
+                record = {"iteration": self.iteration, "lr": lr, **losses}
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses['total']:.4f}", lr=f"{lr:.2e}")
+                if self.iteration % t.log_period == 0 or self.iteration == s.max_iter:
+                    elapsed = time.perf_counter() - window_start
+                    record["images_per_s"] = window_iters * images_per_step / max(elapsed, 1e-9)
+                    window_start, window_iters = time.perf_counter(), 0
+                    if self.is_main:
+                        self._log(record)
+                # Evaluate before checkpointing, so that the checkpoint carries the updated best metric.
+                if t.eval_period > 0 and (self.iteration % t.eval_period == 0 or self.iteration == s.max_iter):
+                    self._run_evaluation()
+                if self.iteration % t.checkpoint_period == 0 or self.iteration == s.max_iter:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        digest = self._check_weights_in_sync()
+        return TrainResult(
+            iteration=self.iteration,
+            history=history,
+            evaluations=self.evaluations,
+            best_metric=self.best_metric,
+            best_iteration=self.best_iteration,
+            last_checkpoint=self.last_checkpoint,
+            weights_digest=digest,
+        )
+
+    def _log(self, record: dict[str, float]) -> None:
+        it = int(record["iteration"])
+        for name in LOSS_TERMS:
+            self.writer.add_scalar(f"loss/{name}", record[name], it)
+        self.writer.add_scalar("train/lr", record["lr"], it)
+        self.writer.add_scalar("train/images_per_s", record["images_per_s"], it)
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"type": "train", **record}) + "\n")
+        logger.info(
+            "iteration %d/%d: loss %.4f (semantic %.4f, center %.5f, offset %.4f), lr %.3e, %.1f images/s",
+            it, self.cfg.solver.max_iter, record["total"], record["semantic"], record["center"],
+            record["offset"], record["lr"], record["images_per_s"],
+        )
+
+    def _check_weights_in_sync(self) -> str:
+        """Digest of the final weights; in a distributed run, verify that every rank holds the same ones."""
+        digest = state_dict_digest(unwrap_model(self.model).state_dict())
+        digests = gather_objects(digest, self.dist)
+        if self.is_main:
+            logger.info("final weights sha256 per rank: %s", " ".join(digests))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the ranks ended with different weights (sha256 per rank: {digests})")
+        return digest
+
+    def close(self) -> None:
+        """Release the TensorBoard writer and the process group."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        cleanup_distributed()
+
+
+def train(cfg: Config, resume: str | None = None) -> TrainResult:
+    """Train with ``cfg`` (see ``Trainer``); joins/leaves the torch.distributed group around the run."""
+    trainer = None
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        return trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        else:
+            cleanup_distributed()

@@ -1,0 +1,520 @@
+"""Run a trained model on images: input checks, padding, test-time augmentation, post-processing.
+
+``Predictor.predict(image)`` returns a :class:`PanopticResult` at the image's own size: the panoptic label
+map (``train_id * 1000 + instance``, void ``255000``, docs/ARCHITECTURE.md), its COCO panoptic form (id
+map + ``segments_info`` with dataset category ids), the semantic map, the instances and the raw center
+heatmap / offset field. :class:`PanopticPredictionWriter` collects many results into one COCO panoptic
+JSON + PNG folder, committed atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from panoptic_deeplab.config import Config, ModelConfig, PostProcessConfig
+from panoptic_deeplab.data.coco_panoptic import (
+    DatasetMeta,
+    ImageInfo,
+    PanopticAnnotation,
+    PanopticDataset,
+    SegmentInfo,
+    label_map_to_ids,
+    load_image,
+    save_panoptic_json,
+    write_panoptic_png,
+)
+from panoptic_deeplab.data.transforms import IMAGENET_MEAN, pad_to_size, valid_input_size
+from panoptic_deeplab.inference.postprocess import PanopticPrediction, panoptic_postprocess
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as given (checked)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device (use auto, cpu, cuda or cuda:K)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available")
+    return resolved
+
+
+def image_to_tensor(image: ImageInput) -> Tensor:
+    """Any accepted input -> float32 tensor ``[3, H, W]`` in [0, 1] (on the CPU for files/arrays).
+
+    Accepted: a path (any format PIL reads), a ``PIL.Image`` (converted to RGB), a ``uint8`` numpy array
+    ``[H, W, 3]``, or a floating tensor ``[3, H, W]`` with values in [0, 1].
+    """
+    if isinstance(image, (str, os.PathLike)):
+        # load_image raises DatasetError (a ValueError) naming the file when missing or unreadable
+        return torch.from_numpy(load_image(image).copy()).permute(2, 0, 1).float().div_(255.0)
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255.0)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"a numpy image must be [H, W, 3] RGB, got shape {image.shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(
+                f"a numpy image must be uint8 (0..255), got dtype {image.dtype}; "
+                "pass float images as a [3, H, W] tensor in [0, 1]"
+            )
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    elif isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"a tensor image must be [3, H, W], got shape {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise ValueError(
+                f"a tensor image must be floating point with values in [0, 1], got dtype {image.dtype}"
+            )
+        tensor = image.detach().float()
+        if tensor.numel() and (tensor.min() < 0.0 or tensor.max() > 1.0 or not torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"a tensor image must hold values in [0, 1], got the range "
+                f"[{float(tensor.min()):.3g}, {float(tensor.max()):.3g}]"
+            )
+    else:
+        raise TypeError(
+            f"cannot predict on a {type(image).__name__}: expected a path, a PIL image, a uint8 [H, W, 3] "
+            "numpy array or a float [3, H, W] tensor in [0, 1]"
+        )
+    if tensor.shape[1] == 0 or tensor.shape[2] == 0:
+        raise ValueError(f"the image is empty (size {tensor.shape[1]}x{tensor.shape[2]})")
+    return tensor
+
+
+@dataclass
+class Instance:
+    """One detected thing instance. ``box`` is ``(x0, y0, x1, y1)`` with exclusive ``x1, y1``."""
+
+    label: int  # panoptic label train_id * divisor + number
+    train_id: int
+    category_id: int
+    name: str
+    score: float
+    box: tuple[float, float, float, float]
+    area: int
+    _label_map: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Boolean mask ``[H, W]`` (computed on request; masks are not stored)."""
+        return self._label_map == self.label
+
+
+@dataclass
+class PanopticResult:
+    """Prediction for one image, at the image's size."""
+
+    label_map: np.ndarray  # [H, W] int64, train_id * divisor + instance, void = meta.void_label
+    semantic: np.ndarray  # [H, W] int64, argmax train id of every pixel (nothing voided)
+    segment_ids: np.ndarray  # [H, W] int32 COCO panoptic ids (0 = void), keys of segments_info
+    segments_info: list[SegmentInfo]  # dataset category ids, area, bbox (x, y, w, h)
+    instances: list[Instance]
+    centers: np.ndarray  # [K, 2] int64 (y, x) detected centers, by decreasing score
+    center_scores: np.ndarray  # [K] float32 raw heatmap values at the centers
+    center: np.ndarray  # [H, W] float32 raw center heatmap (TTA-averaged)
+    offset: np.ndarray  # [2, H, W] float32 (dy, dx) in pixels of this image (TTA-averaged)
+    meta: DatasetMeta = field(repr=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return int(self.label_map.shape[0]), int(self.label_map.shape[1])
+
+    def annotation(self, file_name: str, image_id: int | str) -> PanopticAnnotation:
+        """The COCO panoptic annotation entry, its PNG being ``file_name``."""
+        return PanopticAnnotation(image_id=image_id, file_name=file_name, segments_info=list(self.segments_info))
+
+    def save(self, out_dir: str | os.PathLike, stem: str, image_id: int | str | None = None) -> PanopticAnnotation:
+        """Write ``out_dir/stem.png`` (panoptic PNG) and ``out_dir/stem.json`` (a one-image COCO panoptic
+        JSON with ``images``, ``annotations`` and ``categories``); returns the annotation entry."""
+        out = Path(out_dir)
+        image_id = stem if image_id is None else image_id
+        write_panoptic_png(out / f"{stem}.png", self.segment_ids)
+        annotation = self.annotation(f"{stem}.png", image_id)
+        height, width = self.size
+        dataset = PanopticDataset(
+            images=[ImageInfo(id=image_id, file_name=stem, height=height, width=width)],
+            annotations=[annotation],
+            meta=self.meta,
+        )
+        save_panoptic_json(out / f"{stem}.json", dataset)
+        return annotation
+
+
+def _result_from_prediction(
+    prediction: PanopticPrediction, center: Tensor, offset: Tensor, meta: DatasetMeta
+) -> PanopticResult:
+    label_map = prediction.label_map.cpu().numpy().astype(np.int64)
+    segment_ids, segments_info = label_map_to_ids(label_map, meta)
+    inst = prediction.instances
+    classes = inst.classes.tolist()
+    instances = [
+        Instance(
+            label=int(label),
+            train_id=int(train_id),
+            category_id=meta.category_id(int(train_id)),
+            name=meta.class_names[int(train_id)],
+            score=float(score),
+            box=tuple(float(v) for v in box),  # type: ignore[arg-type]
+            area=int(area),
+            _label_map=label_map,
+        )
+        for label, train_id, score, box, area in zip(
+            inst.ids.tolist(), classes, inst.scores.tolist(), inst.boxes.tolist(), inst.areas.tolist()
+        )
+    ]
+    return PanopticResult(
+        label_map=label_map,
+        semantic=prediction.semantic.cpu().numpy().astype(np.int64),
+        segment_ids=segment_ids,
+        segments_info=segments_info,
+        instances=instances,
+        centers=prediction.centers.cpu().numpy(),
+        center_scores=prediction.center_scores.float().cpu().numpy(),
+        center=center[0].float().cpu().numpy(),
+        offset=offset.float().cpu().numpy(),
+        meta=meta,
+    )
+
+
+def _resize_ratio(src: int, dst: int, align_corners: bool) -> float:
+    """Factor that converts a length in pixels of a ``src``-long axis to pixels of a ``dst``-long one.
+
+    SPEC §1.7 / §9.2: with align_corners=True the grid ends map to each other, so distances scale by
+    ``(dst - 1) / (src - 1)`` (DL2); otherwise by ``dst / src``.
+    """
+    if align_corners and src > 1 and dst > 1:
+        return (dst - 1) / (src - 1)
+    return dst / src
+
+
+def resize_outputs(outputs: dict[str, Tensor], size: Sequence[int], align_corners: bool) -> dict[str, Tensor]:
+    """Bilinearly resize ``semantic`` / ``center`` / ``offset`` ``[N, C, h, w]`` to ``size = (H, W)``,
+    scaling the offset values per axis so they stay in pixels of the new size (SPEC §9.2)."""
+    height, width = int(size[0]), int(size[1])
+    src_h, src_w = outputs["offset"].shape[-2:]
+    if (src_h, src_w) == (height, width):
+        return outputs
+
+    def resize(t: Tensor) -> Tensor:
+        return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=align_corners)
+
+    scale = torch.tensor(
+        [_resize_ratio(src_h, height, align_corners), _resize_ratio(src_w, width, align_corners)],
+        dtype=outputs["offset"].dtype,
+        device=outputs["offset"].device,
+    ).view(1, 2, 1, 1)
+    return {
+        "semantic": resize(outputs["semantic"]),
+        "center": resize(outputs["center"]),
+        "offset": resize(outputs["offset"]) * scale,
+    }
+
+
+def flip_outputs(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Mirror outputs of a horizontally flipped input back; dx changes sign (SPEC §9.2)."""
+    offset = outputs["offset"].flip(-1)
+    sign = torch.tensor([1.0, -1.0], dtype=offset.dtype, device=offset.device).view(1, 2, 1, 1)
+    return {
+        "semantic": outputs["semantic"].flip(-1),
+        "center": outputs["center"].flip(-1),
+        "offset": offset * sign,
+    }
+
+
+class Predictor:
+    """Panoptic-DeepLab inference on single images or batches, with optional test-time augmentation.
+
+    ``tta_scales`` resizes the input by each factor; ``tta_flip`` adds a mirrored view of every scale.
+    With more than one view, the semantic softmax probabilities, the center heatmaps and the offsets
+    (converted to pixels of the original image) are averaged (SPEC §5 "TTA"); post-processing then
+    receives ``log`` of the averaged probabilities, whose argmax and softmax are those of the average.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config | tuple[ModelConfig, PostProcessConfig],
+        meta: DatasetMeta,
+        device: str | torch.device = "auto",
+        tta_flip: bool = False,
+        tta_scales: Sequence[float] = (1.0,),
+        batch_size: int = 1,
+    ) -> None:
+        if isinstance(cfg, Config):
+            model_cfg, post_cfg = cfg.model, cfg.postprocess
+        else:
+            model_cfg, post_cfg = cfg
+        if model_cfg.num_classes != meta.num_classes:
+            raise ValueError(
+                f"the model predicts {model_cfg.num_classes} classes but the metadata lists "
+                f"{meta.num_classes} categories"
+            )
+        scales = tuple(float(s) for s in tta_scales)
+        if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
+            raise ValueError(f"tta_scales must be positive numbers, got {list(tta_scales)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.model_cfg = model_cfg
+        self.postprocess_cfg = post_cfg
+        self.meta = meta
+        self.tta_flip = bool(tta_flip)
+        self.tta_scales = scales
+        self.batch_size = int(batch_size)
+        # Padding value: the model's own mean pixel, so padded pixels are 0 after normalisation.
+        mean = getattr(model, "pixel_mean", None)
+        self._pad_fill = (
+            [float(v) for v in mean.reshape(-1).tolist()] if isinstance(mean, Tensor) else list(IMAGENET_MEAN)
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "auto",
+        meta: DatasetMeta | None = None,
+        postprocess: PostProcessConfig | None = None,
+        **kwargs: Any,
+    ) -> "Predictor":
+        """Build the model of a training checkpoint (its ``config``) and load its weights.
+
+        The checkpoint must hold ``model`` (state dict), ``config`` (plain dict) and ``meta`` (the
+        dataset's categories as a list of COCO category dicts) unless ``meta`` is given here.
+        ``postprocess`` overrides the checkpoint's post-processing settings; ``kwargs`` go to ``__init__``.
+        """
+        from panoptic_deeplab.config import config_from_dict
+        from panoptic_deeplab.engine.checkpoint import load_checkpoint
+        from panoptic_deeplab.modeling import build_model
+
+        ckpt = load_checkpoint(path, map_location="cpu")
+        if not isinstance(ckpt.get("config"), dict):
+            raise ValueError(f"checkpoint {path} has no 'config' entry: cannot tell which model to build")
+        cfg = config_from_dict(ckpt["config"], source=f"config of checkpoint {path}")
+        if meta is None:
+            if "meta" not in ckpt:
+                raise ValueError(
+                    f"checkpoint {path} has no 'meta' entry (the dataset's categories); pass meta= explicitly"
+                )
+            meta = DatasetMeta.from_json(ckpt["meta"])
+        # The weights come from the checkpoint: never fetch or read ImageNet backbone weights.
+        cfg.model.pretrained = False
+        cfg.model.backbone_weights = None
+        model = build_model(cfg.model)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {path}: the weights do not fit the model of its config: {exc}") from None
+        post_cfg = postprocess if postprocess is not None else cfg.postprocess
+        return cls(model, (cfg.model, post_cfg), meta, device=device, **kwargs)
+
+    # ------------------------------------------------------------------ model runs
+
+    def _forward_padded(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Run the model once on images padded to one valid size; outputs cropped back to each image."""
+        height = max(int(im.shape[1]) for im in images)
+        width = max(int(im.shape[2]) for im in images)
+        size = valid_input_size(height, width, self.model_cfg.output_stride, self.model_cfg.align_corners)
+        batch = torch.stack([pad_to_size(im, size, self._pad_fill) for im in images])
+        outputs = self.model(batch)
+        # Offsets are in input pixels and padding is at the bottom/right: cropping needs no rescale.
+        return [
+            {k: outputs[k][i : i + 1, :, : im.shape[1], : im.shape[2]].float() for k in ("semantic", "center", "offset")}
+            for i, im in enumerate(images)
+        ]
+
+    def _scaled(self, image: Tensor, scale: float) -> Tensor:
+        if scale == 1.0:
+            return image
+        height = max(1, int(round(image.shape[1] * scale)))
+        width = max(1, int(round(image.shape[2] * scale)))
+        return F.interpolate(
+            image[None], size=(height, width), mode="bilinear", align_corners=self.model_cfg.align_corners
+        )[0].clamp_(0.0, 1.0)
+
+    @torch.inference_mode()
+    def raw_outputs(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Model outputs for ``[3, H, W]`` images in [0, 1], averaged over the TTA views, each at its
+        image's size: ``semantic`` [1, C, H, W] (logits for one view, log mean probabilities for more),
+        ``center`` [1, 1, H, W], ``offset`` [1, 2, H, W] in pixels of the image."""
+        self.model.eval()
+        images = [im.to(self.device, torch.float32) for im in images]
+        views = [(s, f) for s in self.tta_scales for f in ((False, True) if self.tta_flip else (False,))]
+        single = views == [(1.0, False)]
+        sums: list[dict[str, Tensor]] = []
+        for scale, flip in views:
+            inputs = [self._scaled(im, scale) for im in images]
+            if flip:
+                inputs = [im.flip(-1) for im in inputs]
+            outputs = self._forward_padded(inputs)
+            for i, out in enumerate(outputs):
+                if flip:
+                    out = flip_outputs(out)
+                out = resize_outputs(out, images[i].shape[1:], self.model_cfg.align_corners)
+                if single:
+                    sums.append(out)
+                    continue
+                out = {**out, "semantic": out["semantic"].softmax(dim=1)}
+                if len(sums) <= i:
+                    sums.append(out)
+                else:
+                    sums[i] = {k: sums[i][k] + out[k] for k in out}
+        if single:
+            return sums
+        n = float(len(views))
+        return [
+            {
+                "semantic": (s["semantic"] / n).clamp_min_(1e-12).log_(),
+                "center": s["center"] / n,
+                "offset": s["offset"] / n,
+            }
+            for s in sums
+        ]
+
+    # ------------------------------------------------------------------ public API
+
+    def predict(self, image: ImageInput) -> PanopticResult:
+        """Panoptic prediction for one image (path, PIL image, uint8 HxWx3 array, or [3, H, W] tensor)."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[ImageInput]) -> list[PanopticResult]:
+        """Predictions for several images of any sizes, run ``batch_size`` at a time."""
+        tensors = [image_to_tensor(im) for im in images]
+        results: list[PanopticResult] = []
+        for start in range(0, len(tensors), self.batch_size):
+            chunk = tensors[start : start + self.batch_size]
+            for out in self.raw_outputs(chunk):
+                with torch.inference_mode():
+                    prediction = panoptic_postprocess(
+                        out["semantic"],
+                        out["center"],
+                        out["offset"],
+                        self.meta.thing_train_ids,
+                        self.postprocess_cfg,
+                        label_divisor=self.meta.label_divisor,
+                        void_label=self.meta.void_label,
+                    )[0]
+                results.append(_result_from_prediction(prediction, out["center"][0], out["offset"][0], self.meta))
+        return results
+
+
+class PanopticPredictionWriter:
+    """Collect predictions as one COCO panoptic JSON + a folder of PNGs, committed atomically.
+
+    PNGs go to a temporary sibling folder while results are added; :meth:`commit` moves it to ``png_dir``
+    (replacing an older one) and then writes ``json_path``, so an interrupted run leaves no half-written
+    prediction set. Used as a context manager it commits on success and discards on error.
+    """
+
+    def __init__(self, json_path: str | os.PathLike, png_dir: str | os.PathLike, meta: DatasetMeta) -> None:
+        self.json_path = Path(json_path)
+        self.png_dir = Path(png_dir)
+        self.meta = meta
+        self.png_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_dir: Path | None = Path(
+            tempfile.mkdtemp(prefix=f".{self.png_dir.name}.", suffix=".tmp", dir=self.png_dir.parent)
+        )
+        self._images: list[ImageInfo] = []
+        self._annotations: list[PanopticAnnotation] = []
+        self._names: set[str] = set()
+
+    def add(self, result: PanopticResult, file_name: str, image_id: int | str | None = None) -> PanopticAnnotation:
+        """Add the prediction of image ``file_name``; its PNG is named after the image's stem."""
+        if self._tmp_dir is None:
+            raise RuntimeError("this writer was already committed or discarded")
+        stem = Path(file_name).stem
+        if stem in self._names:
+            raise ValueError(f"two images have the stem {stem!r}: their panoptic PNGs would overwrite each other")
+        self._names.add(stem)
+        image_id = stem if image_id is None else image_id
+        write_panoptic_png(self._tmp_dir / f"{stem}.png", result.segment_ids)
+        height, width = result.size
+        self._images.append(ImageInfo(id=image_id, file_name=file_name, height=height, width=width))
+        annotation = result.annotation(f"{stem}.png", image_id)
+        self._annotations.append(annotation)
+        return annotation
+
+    def commit(self) -> None:
+        """Move the PNGs into place, then write the JSON."""
+        if self._tmp_dir is None:
+            raise RuntimeError("this writer was already committed or discarded")
+        if self.png_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.png_dir.name}.", suffix=".old", dir=self.png_dir.parent))
+            os.replace(self.png_dir, old / self.png_dir.name)
+            shutil.rmtree(old)
+        os.replace(self._tmp_dir, self.png_dir)
+        self._tmp_dir = None
+        save_panoptic_json(
+            self.json_path, PanopticDataset(images=self._images, annotations=self._annotations, meta=self.meta)
+        )
+
+    def discard(self) -> None:
+        """Drop everything added so far."""
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
+
+    def __enter__(self) -> "PanopticPredictionWriter":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def list_images(path: str | os.PathLike) -> list[Path]:
+    """An image file itself, or the image files directly inside a folder (sorted); clear errors otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"folder {path} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def predict_folder(
+    predictor: Predictor,
+    images: Iterable[Path],
+    json_path: str | os.PathLike,
+    png_dir: str | os.PathLike,
+) -> Iterable[tuple[Path, PanopticResult]]:
+    """Predict ``images`` one batch at a time, writing them as one COCO panoptic prediction set.
+
+    A generator: yields ``(path, result)`` as each image is done (for pictures, progress bars); the
+    JSON and PNG folder are committed when it is exhausted and discarded if it fails or is closed early.
+    """
+    paths = list(images)
+    with PanopticPredictionWriter(json_path, png_dir, predictor.meta) as writer:
+        for start in range(0, len(paths), predictor.batch_size):
+            chunk = paths[start : start + predictor.batch_size]
+            for path, result in zip(chunk, predictor.predict_batch(chunk)):
+                writer.add(result, path.name)
+                yield path, result

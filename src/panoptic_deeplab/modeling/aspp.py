@@ -1,0 +1,77 @@
+"""Atrous Spatial Pyramid Pooling, one per branch (SPEC §1.3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import ConvBNReLU, DepthwiseSeparableConv
+
+# SPEC §1.3: rates scale inversely with the output stride (DL2 FAQ: os8 -> 12, 24, 36).
+DEFAULT_ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
+
+
+def default_aspp_rates(output_stride: int) -> tuple[int, int, int]:
+    """The paper's atrous rates for an output stride of 8, 16 or 32."""
+    if output_stride not in DEFAULT_ASPP_RATES:
+        raise ValueError(f"no default ASPP rates for output stride {output_stride}; give aspp_rates")
+    return DEFAULT_ASPP_RATES[output_stride]
+
+
+class ASPPPooling(nn.Module):
+    """Image-level branch: global average pool -> 1x1 conv (no bias) + BN + ReLU -> broadcast back.
+
+    SPEC §0/§1.3: the pooling is global at every input size (DL2 with full-image crops, BC), not D2's
+    train-crop-sized sliding window. Bilinear upsampling of a 1x1 map is a constant map for either
+    ``align_corners``, so the result is expanded instead of interpolated.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, bn_momentum: float, bn_eps: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=bn_eps)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1 and type(self.bn) is nn.BatchNorm2d:
+            # One value per channel: batch norm cannot normalise it (and torch refuses).
+            raise ValueError(
+                "ASPP image pooling uses batch norm over the batch (SPEC §1.3): training needs at least "
+                "2 images per batch (per process without SyncBatchNorm); got 1"
+            )
+        pooled = self.relu(self.bn(self.conv(x.mean(dim=(2, 3), keepdim=True))))
+        return pooled.expand(-1, -1, x.shape[2], x.shape[3])
+
+
+class ASPP(nn.Module):
+    """Five parallel branches (1x1, three atrous 3x3, image pooling) -> concat -> 1x1 projection -> dropout."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int = 256,
+        rates: tuple[int, int, int] = (6, 12, 18),
+        *,
+        dropout: float = 0.1,
+        separable: bool = False,
+        bn_momentum: float = 0.01,
+        bn_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if len(rates) != 3 or any(int(r) < 1 for r in rates):
+            raise ValueError(f"ASPP needs three positive atrous rates, got {tuple(rates)}")
+        norm = dict(bn_momentum=bn_momentum, bn_eps=bn_eps)
+        branches: list[nn.Module] = [ConvBNReLU(in_channels, out_channels, 1, **norm)]
+        for rate in rates:
+            if separable:  # D2's USE_DEPTHWISE_SEPARABLE_CONV
+                branches.append(DepthwiseSeparableConv(in_channels, out_channels, 3, dilation=int(rate), **norm))
+            else:
+                branches.append(ConvBNReLU(in_channels, out_channels, 3, dilation=int(rate), **norm))
+        branches.append(ASPPPooling(in_channels, out_channels, **norm))
+        self.branches = nn.ModuleList(branches)
+        self.project = ConvBNReLU(out_channels * len(branches), out_channels, 1, **norm)
+        self.dropout = nn.Dropout(dropout)
+        self.rates = tuple(int(r) for r in rates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.project(torch.cat([branch(x) for branch in self.branches], dim=1)))

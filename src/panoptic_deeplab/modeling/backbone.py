@@ -1,0 +1,252 @@
+"""Encoders: timm ``features_only`` models tapped at stride 4, stride 8 and the last stage (SPEC §1.2).
+
+A preset name (``BACKBONE_PRESETS``) or any timm model name is accepted; the taps are picked from the
+model's ``feature_info`` reductions, so any timm model that exposes stride-4 and stride-8 features and
+supports ``output_stride`` works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+# Feature keys returned by ``Backbone.forward`` (detectron2 naming: res2 = stride 4, res3 = stride 8).
+LOW_LEVEL_KEYS = ("res3", "res2")  # in decoder order: stride 8 first, then stride 4
+LAST_KEY = "res5"
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A timm model and the extra arguments it needs."""
+
+    timm_name: str
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+BACKBONE_PRESETS: dict[str, BackbonePreset] = {
+    # SPEC §1.2: the MobileNetV3 endpoints are the depthwise-conv outputs of the last block of each
+    # stride level (72 ch at stride 4, 120 ch at stride 8). timm's ``feature_location="expansion"``
+    # taps exactly there (the input of that block's projection conv, i.e. after squeeze-excite).
+    "mobilenetv3_large": BackbonePreset("mobilenetv3_large_100", {"feature_location": "expansion"}),
+    "resnet50": BackbonePreset("resnet50"),
+    "resnet101": BackbonePreset("resnet101"),
+    # timm's aligned (TF-DeepLab) Xceptions: the stride-4/8 taps are the activations before the strided
+    # third separable conv of entry blocks 2 and 3, as in BC (SPEC §1.2).
+    "xception65": BackbonePreset("xception65"),
+    "xception71": BackbonePreset("xception71"),
+}
+
+SUPPORTED_OUTPUT_STRIDES = (8, 16, 32)
+
+
+def resolve_backbone(name: str) -> BackbonePreset:
+    """A preset name -> its preset; any other name is taken as a timm model name."""
+    if name in BACKBONE_PRESETS:
+        return BACKBONE_PRESETS[name]
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown backbone {name!r}: not a preset ({', '.join(BACKBONE_PRESETS)}) "
+            "and not a timm model name"
+        )
+    return BackbonePreset(name)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub opens within ``timeout`` seconds."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Switch huggingface_hub to cache-only mode for the duration (read at call time by the hub).
+
+    Without this, an unreachable hub costs about 50 s of retries before timm gives up.
+    """
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _hub_offline_requested() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` or torch (``.pth``/``.pt``/``.bin``) file.
+
+    A torch file may wrap the tensors under ``state_dict`` or ``model`` (common training checkpoints).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def _check_weights(path: str, preset: BackbonePreset, state_dict: dict[str, torch.Tensor]) -> None:
+    """Compare a file's tensors with timm's classification model; raise listing every mismatch.
+
+    Only the classifier may be absent (it is not part of the encoder).
+    """
+    model = timm.create_model(preset.timm_name, pretrained=False)
+    reference = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    optional = {k for k in reference if any(k.startswith(c + ".") for c in classifier)}
+    missing = sorted(set(reference) - set(state_dict) - optional)
+    unexpected = sorted(set(state_dict) - set(reference))
+    wrong_shape = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(reference[k].shape)}"
+        for k in set(reference) & set(state_dict)
+        if state_dict[k].shape != reference[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:10]) + (f" ... ({len(items)} in all)" if len(items) > 10 else "")
+
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {show(unexpected)}")
+        if wrong_shape:
+            problems.append(f"wrong shapes: {show(wrong_shape)}")
+        raise ValueError(
+            f"backbone weights {path!r} do not match timm model {preset.timm_name!r} "
+            f"(expected the state dict of timm.create_model({preset.timm_name!r})): " + "; ".join(problems)
+        )
+
+
+def create_timm_features(
+    name: str,
+    output_stride: int = 16,
+    pretrained: bool = False,
+    weights_path: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Build the timm ``features_only`` model for ``name`` (preset or timm name).
+
+    ``weights_path`` (a state dict of timm's classification model, e.g. the hub's ``model.safetensors``)
+    takes precedence over ``pretrained``. ``pretrained=True`` without a file downloads timm's ImageNet
+    weights, or uses the local Hugging Face cache when the hub cannot be reached; it fails at once
+    with a clear message otherwise.
+    """
+    preset = resolve_backbone(name)
+    if output_stride not in SUPPORTED_OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {SUPPORTED_OUTPUT_STRIDES}, got {output_stride}")
+    kwargs: dict[str, Any] = dict(preset.timm_kwargs, features_only=True)
+    if output_stride != 32:  # timm's default; models without dilation support still work at 32
+        kwargs["output_stride"] = output_stride
+    try:
+        if weights_path is not None:
+            path = str(weights_path)
+            state_dict = read_state_dict(path)
+            _check_weights(path, preset, state_dict)
+            # timm loads the checked tensors into the classification model before cutting it down to
+            # the features model (whose module names may differ); source "" selects the state_dict.
+            overlay = {"state_dict": state_dict, "source": ""}
+            return timm.create_model(preset.timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        if not pretrained:
+            return timm.create_model(preset.timm_name, pretrained=False, **kwargs)
+        offline = _hub_offline_requested() or not _hub_reachable()
+        try:
+            with _hub_offline(offline):
+                return timm.create_model(preset.timm_name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            where = "the Hugging Face hub is unreachable and they are not in the local cache" if offline else str(exc)
+            raise RuntimeError(
+                f"cannot load timm's ImageNet weights for backbone {name!r} (timm model "
+                f"{preset.timm_name!r}): {where}. Pass backbone_weights=PATH (a .pth or .safetensors state "
+                f"dict of timm.create_model({preset.timm_name!r})), or pretrained=False to start from "
+                "random weights."
+            ) from exc
+    except TypeError as exc:
+        if "output_stride" in str(exc):
+            raise ValueError(
+                f"timm model {preset.timm_name!r} does not support output_stride={output_stride}; use 32"
+            ) from exc
+        raise
+
+
+class Backbone(nn.Module):
+    """Encoder returning ``{"res2": stride 4, "res3": stride 8, "res5": last stage}`` features.
+
+    Attributes ``channels`` and ``strides`` give each tap's channel count and stride.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        output_stride: int = 16,
+        pretrained: bool = False,
+        weights_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.body = create_timm_features(name, output_stride, pretrained, weights_path)
+        info = self.body.feature_info
+        reductions = list(info.reduction())
+        channels = list(info.channels())
+        taps: dict[str, int] = {}
+        for key, stride in (("res2", 4), ("res3", 8)):
+            # the deepest feature at that stride carries the most semantics (e.g. after all blocks)
+            found = [i for i, r in enumerate(reductions) if r == stride]
+            if not found:
+                raise ValueError(
+                    f"backbone {name!r} has no stride-{stride} feature (its feature strides are "
+                    f"{reductions}); Panoptic-DeepLab needs stride-4 and stride-8 taps"
+                )
+            taps[key] = found[-1]
+        taps[LAST_KEY] = len(reductions) - 1
+        if reductions[-1] != output_stride:
+            raise ValueError(
+                f"backbone {name!r} ends at stride {reductions[-1]}, not the requested output stride "
+                f"{output_stride}"
+            )
+        self.tap_indices = taps
+        self.channels = {k: channels[i] for k, i in taps.items()}
+        self.strides = {k: reductions[i] for k, i in taps.items()}
+        self.output_stride = output_stride
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.body(x)
+        return {k: features[i] for k, i in self.tap_indices.items()}

@@ -1,0 +1,98 @@
+"""Building blocks shared by the ASPP, the decoders and the heads, and resampling helpers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBNReLU(nn.Sequential):
+    """``conv (no bias) -> BatchNorm -> ReLU``; 'same' padding for odd kernels at any dilation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        *,
+        dilation: int = 1,
+        groups: int = 1,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+    ) -> None:
+        padding = dilation * (kernel_size - 1) // 2
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        )
+        self.bn = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=bn_eps)
+        self.relu = nn.ReLU(inplace=True)
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """Depthwise ``k x k`` conv + BN + ReLU, then pointwise 1x1 conv + BN + ReLU (SPEC §1.4)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 5,
+        *,
+        dilation: int = 1,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        norm = dict(bn_momentum=bn_momentum, bn_eps=bn_eps)
+        self.depthwise = ConvBNReLU(
+            in_channels, in_channels, kernel_size, dilation=dilation, groups=in_channels, **norm
+        )
+        self.pointwise = ConvBNReLU(in_channels, out_channels, 1, **norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """Bilinear resize of ``[N, C, h, w]`` to ``size``; returns ``x`` itself when already that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def offset_scale(src: int, dst: int, align_corners: bool) -> float:
+    """Factor mapping a displacement in a map of length ``src`` to one of length ``dst`` (SPEC §1.7).
+
+    With ``align_corners=True`` the corner pixels coincide, so pixel spacing scales by
+    ``(dst - 1) / (src - 1)`` (DL2); otherwise by ``dst / src`` (D2).
+    """
+    if align_corners and src > 1:
+        return (dst - 1) / (src - 1)
+    return dst / src
+
+
+def resize_offset(offset: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """Resize an offset map ``[N, 2, h, w]`` (channels ``dy, dx`` in pixels) and rescale its values.
+
+    The values are displacements in pixels of the map they live in, so they grow with the map
+    (SPEC §9.2): each axis is multiplied by its own factor from :func:`offset_scale`.
+    """
+    if offset.dim() != 4 or offset.shape[1] != 2:
+        raise ValueError(f"expected an offset map [N, 2, H, W], got shape {tuple(offset.shape)}")
+    h, w = offset.shape[-2:]
+    if (h, w) == tuple(size):
+        return offset
+    out = resize(offset, size, align_corners)
+    scale = torch.tensor(
+        [offset_scale(h, size[0], align_corners), offset_scale(w, size[1], align_corners)],
+        dtype=out.dtype,
+        device=out.device,
+    )
+    return out * scale.view(1, 2, 1, 1)

@@ -1,0 +1,148 @@
+"""The Panoptic-DeepLab network: shared encoder, dual ASPP, dual decoder, three heads (SPEC §1.1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .aspp import default_aspp_rates
+from .backbone import Backbone
+from .decoder import PanopticDeepLabDecoder
+from .heads import HEAD_KINDS, PredictionHead
+from .layers import resize, resize_offset
+
+# ImageNet statistics of RGB in [0, 1] (SPEC §1.7, BC; timm's ImageNet weights expect them too).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INIT_MODES = ("normal", "he")
+MAX_CLASSES = 255  # class 255 is IGNORE_LABEL (docs/ARCHITECTURE.md)
+
+
+class PanopticDeepLab(nn.Module):
+    """Panoptic-DeepLab.
+
+    ``forward(images)`` takes RGB float images ``[N, 3, H, W]`` with values in ``[0, 1]`` (any H, W,
+    even or odd), normalises them with :meth:`normalize` (the ``pixel_mean`` / ``pixel_std`` buffers),
+    and returns a dict at input resolution:
+
+    * ``semantic``: logits ``[N, num_classes, H, W]``
+    * ``center``: raw center heatmap ``[N, 1, H, W]`` (linear, no sigmoid)
+    * ``offset``: ``[N, 2, H, W]``, channels ``(dy, dx)`` in input pixels, from a pixel to its center.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        _validate(cfg)
+        self.config = cfg
+        self.num_classes = cfg.num_classes
+        self.align_corners = cfg.align_corners
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+        self.backbone = Backbone(
+            cfg.backbone, cfg.output_stride, pretrained=cfg.pretrained, weights_path=cfg.backbone_weights
+        )
+        channels = self.backbone.channels
+        rates = tuple(cfg.aspp_rates) if cfg.aspp_rates is not None else default_aspp_rates(cfg.output_stride)
+        norm = dict(bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
+        common = dict(
+            aspp_channels=cfg.aspp_channels,
+            aspp_rates=rates,
+            aspp_dropout=cfg.aspp_dropout,
+            aspp_separable=cfg.aspp_separable,
+            concat_low_level_first=cfg.concat_low_level_first,
+            align_corners=cfg.align_corners,
+            **norm,
+        )
+        low_in = (channels["res3"], channels["res2"])
+        self.semantic_decoder = PanopticDeepLabDecoder(
+            channels["res5"],
+            low_in,
+            tuple(cfg.semantic_low_level_channels),
+            cfg.semantic_decoder_channels,
+            **common,
+        )
+        self.instance_decoder = PanopticDeepLabDecoder(
+            channels["res5"],
+            low_in,
+            tuple(cfg.instance_low_level_channels),
+            cfg.instance_decoder_channels,
+            **common,
+        )
+        self.semantic_head = PredictionHead(
+            cfg.semantic_decoder_channels, cfg.semantic_head_channels, cfg.num_classes, **norm
+        )
+        self.center_head = PredictionHead(
+            cfg.instance_decoder_channels, cfg.instance_head_channels, 1, kind=cfg.center_head, **norm
+        )
+        self.offset_head = PredictionHead(cfg.instance_decoder_channels, cfg.instance_head_channels, 2, **norm)
+        for module in (self.semantic_decoder, self.instance_decoder):
+            _init_convs(module, cfg.init)
+        for head in (self.semantic_head, self.center_head, self.offset_head):
+            _init_convs(head.tower, cfg.init)
+            _init_predictor(head.predictor, cfg.init)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB in ``[0, 1]`` -> ``(x - pixel_mean) / pixel_std``."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected RGB images [N, 3, H, W], got shape {tuple(images.shape)}")
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        features = self.backbone(self.normalize(images))
+        semantic = self.semantic_head(self.semantic_decoder(features))
+        instance = self.instance_decoder(features)
+        center = self.center_head(instance)
+        offset = self.offset_head(instance)
+        # SPEC §1.7: stride-4 outputs -> input size; offsets are rescaled per axis to input pixels.
+        return {
+            "semantic": resize(semantic, size, self.align_corners),
+            "center": resize(center, size, self.align_corners),
+            "offset": resize_offset(offset, size, self.align_corners),
+        }
+
+
+def _validate(cfg: ModelConfig) -> None:
+    if not 1 <= cfg.num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must lie in [1, {MAX_CLASSES}], got {cfg.num_classes}")
+    if cfg.center_head not in HEAD_KINDS:
+        raise ValueError(f"center_head must be one of {HEAD_KINDS}, got {cfg.center_head!r}")
+    if cfg.init not in INIT_MODES:
+        raise ValueError(f"init must be one of {INIT_MODES}, got {cfg.init!r}")
+    for name in ("aspp_channels", "semantic_decoder_channels", "semantic_head_channels",
+                 "instance_decoder_channels", "instance_head_channels"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+
+
+def _init_convs(module: nn.Module, mode: str) -> None:
+    """SPEC §1.6: convs Normal(0, 0.001) (BC) or He normal (DL2); BN weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            if mode == "normal":
+                nn.init.normal_(m.weight, std=0.001)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _init_predictor(conv: nn.Conv2d, mode: str) -> None:
+    """SPEC §1.6: final 1x1 predictors Normal(0, 0.001) (BC, D2) or TruncatedNormal(0.01) (DL2), bias 0."""
+    if mode == "normal":
+        nn.init.normal_(conv.weight, std=0.001)
+    else:
+        std = 0.01
+        nn.init.trunc_normal_(conv.weight, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(conv.bias)
+
+
+def build_model(cfg: ModelConfig) -> PanopticDeepLab:
+    """Build Panoptic-DeepLab from its configuration (backbone weights per ``pretrained`` /
+    ``backbone_weights``)."""
+    return PanopticDeepLab(cfg)

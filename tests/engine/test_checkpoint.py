@@ -1,0 +1,105 @@
+"""Checkpoint files: atomic writes, rotation, safe loading, RNG state round trip."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from panoptic_deeplab.engine.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    capture_rng_state,
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    restore_rng_state,
+)
+
+
+def _pwned(marker: str) -> None:
+    """What a malicious checkpoint would run on load; here it only leaves a marker file."""
+    Path(marker).write_text("code ran")
+
+
+class _Malicious:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_pwned, (self.marker,))
+
+
+def test_round_trip_and_no_temporary_files(tmp_path: Path) -> None:
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "iteration": 7, "config": {"a": [1, 2]}, "best_metric": None}
+    path = atomic_torch_save(state, tmp_path / "run" / checkpoint_name(7))
+    assert path.name == "model_0000007.pt"
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["iteration"] == 7 and loaded["config"] == {"a": [1, 2]} and loaded["best_metric"] is None
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model_0000007.pt"]
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    path = atomic_torch_save({"model": {"w": torch.ones(2)}}, tmp_path / "best.pt")
+    with pytest.raises(Exception):
+        atomic_torch_save({"model": {"w": lambda: 0}}, path)  # a lambda cannot be pickled
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_malicious_pickle_is_refused_without_running_code(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": _Malicious(marker)}, path)
+    with pytest.raises(CheckpointError, match="refusing to load .*evil.pt.*may run code"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_missing_and_foreign_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a panoptic-deeplab checkpoint"):
+        load_checkpoint(tmp_path / "list.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a zip file at all")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_checkpoint(tmp_path / "garbage.pt")
+
+
+def test_rotation_latest_and_resume_resolution(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path) is None
+    assert resolve_resume("auto", tmp_path) is None  # fresh run
+    assert resolve_resume(None, tmp_path) is None
+    for it in (10, 20, 30, 40):
+        atomic_torch_save({"model": {}, "iteration": it}, tmp_path / checkpoint_name(it))
+    atomic_torch_save({"model": {}}, tmp_path / "best.pt")
+    removed = prune_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in removed] == ["model_0000010.pt", "model_0000020.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "model_0000030.pt", "model_0000040.pt"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "model_0000040.pt"
+    assert resolve_resume("auto", tmp_path) == tmp_path / "model_0000040.pt"
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
+
+
+def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path: Path) -> None:
+    random.seed(1)
+    np.random.seed(2)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    torch.manual_seed(3)
+    path = atomic_torch_save({"model": {}, "rng": [capture_rng_state()]}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    restore_rng_state(load_checkpoint(path)["rng"][0])
+    got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    assert got[:3] == expected[:3]
+    assert torch.equal(got[3], expected[3])

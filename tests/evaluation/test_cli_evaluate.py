@@ -1,0 +1,37 @@
+"""The `evaluate` verb, files form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from panoptic_deeplab.cli import main
+
+
+def test_evaluate_files_form(panoptic_case, tmp_path, capsys):
+    gt_json, gt_dir, pred_json, pred_dir = panoptic_case(["shift", "extra"], seed=9, repeats=1)
+    out = tmp_path / "report.json"
+    code = main(["evaluate", "--gt-json", str(gt_json), "--gt-dir", str(gt_dir), "--pred-json", str(pred_json),
+                 "--pred-dir", str(pred_dir), "--output", str(out), "--workers", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["num_images"] == 2
+    assert f"{100 * report['All']['pq']:6.2f}" in printed and "person" in printed
+
+
+def test_evaluate_bad_usage(panoptic_case, tmp_path, capsys):
+    gt_json, gt_dir, pred_json, pred_dir = panoptic_case(["identity"], seed=1, repeats=1)
+    assert main(["evaluate", "--gt-json", str(gt_json), "--gt-dir", str(gt_dir), "--pred-json", str(pred_json)]) == 2
+    assert "--pred-dir" in capsys.readouterr().err
+    # a prediction JSON missing an image: a clear error naming the file, exit status 2
+    data = json.loads(pred_json.read_text())
+    data["annotations"] = data["annotations"][1:]
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(data))
+    assert main(["evaluate", "--gt-json", str(gt_json), "--gt-dir", str(gt_dir), "--pred-json", str(short),
+                 "--pred-dir", str(pred_dir)]) == 2
+    assert "no prediction for the image" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # neither --pred-json nor (later) --checkpoint
+        main(["evaluate", "--gt-json", str(gt_json), "--gt-dir", str(gt_dir)])

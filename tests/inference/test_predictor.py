@@ -1,0 +1,443 @@
+"""Predictor: inputs, sizes, test-time augmentation, batching and COCO panoptic output."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from panoptic_deeplab.config import ModelConfig, PostProcessConfig
+from panoptic_deeplab.data.coco_panoptic import (
+    CategoryInfo,
+    DatasetMeta,
+    load_panoptic_json,
+    read_panoptic_png,
+)
+from panoptic_deeplab.data.transforms import IMAGENET_MEAN
+from panoptic_deeplab.inference.predictor import (
+    PanopticPredictionWriter,
+    Predictor,
+    image_to_tensor,
+    list_images,
+)
+
+META = DatasetMeta(
+    [
+        CategoryInfo(3, "ground", False, (0, 160, 0)),
+        CategoryInfo(5, "sky", False, (70, 130, 180)),
+        CategoryInfo(9, "car", True, (0, 0, 142)),
+    ]
+)
+POST = PostProcessConfig(stuff_area=16)
+
+
+class _Normalising(nn.Module):
+    """Holds the mean/std buffers like the real model, so the predictor pads with the mean pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+
+class BlobModel(_Normalising):
+    """Reads the scene off the colors, so its outputs follow the image under padding, flips and scales.
+
+    Dominant green -> ground, blue -> sky, red -> car. The center heatmap is a Gaussian blur of the
+    car mask (peaks at each disk's center); offsets point to the local center of mass of car pixels
+    inside a wide box, which is the disk center for isolated disks.
+    """
+
+    def __init__(self, sigma: float = 3.0, box: int = 41) -> None:
+        super().__init__()
+        self.sigma, self.box = sigma, box
+        self.calls: list[tuple[int, ...]] = []
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls.append(tuple(images.shape))
+        rgb = images
+        semantic = 20.0 * rgb[:, [1, 2, 0]]
+        car = ((rgb[:, 0] > rgb[:, 1] + 0.2) & (rgb[:, 0] > rgb[:, 2] + 0.2)).float()[:, None]
+        radius = int(3 * self.sigma)
+        g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * self.sigma**2))
+        g = g / g.sum()
+        blur = F.conv2d(car, g.view(1, 1, 1, -1), padding=(0, radius))
+        blur = F.conv2d(blur, g.view(1, 1, -1, 1), padding=(radius, 0))
+        center = blur  # ~1 at the center of a disk of radius >= 2 sigma
+        n, _, h, w = images.shape
+        ys = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(n, 1, h, w)
+        xs = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w).expand(n, 1, h, w)
+        pad = self.box // 2
+        mass = F.avg_pool2d(car, self.box, 1, pad, count_include_pad=False)
+        com_y = F.avg_pool2d(car * ys, self.box, 1, pad, count_include_pad=False) / mass.clamp_min(1e-6)
+        com_x = F.avg_pool2d(car * xs, self.box, 1, pad, count_include_pad=False) / mass.clamp_min(1e-6)
+        offset = torch.cat([com_y - ys, com_x - xs], dim=1) * (mass > 0)
+        return {"semantic": semantic, "center": center, "offset": offset}
+
+
+class PositionModel(_Normalising):
+    """Outputs that depend on pixel position only: ``offset = (a_y - y, a_x - x)``, center ``x / 100``,
+    semantic logits ``(x / 10, 0, y / 10)``. Makes the TTA arithmetic checkable exactly."""
+
+    def __init__(self, anchor: tuple[float, float] = (0.0, 0.0)) -> None:
+        super().__init__()
+        self.anchor = anchor
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, _, h, w = images.shape
+        ys = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(n, 1, h, w)
+        xs = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w).expand(n, 1, h, w)
+        semantic = torch.cat([xs / 10, torch.zeros_like(xs), ys / 10], dim=1)
+        offset = torch.cat([self.anchor[0] - ys, self.anchor[1] - xs], dim=1)
+        return {"semantic": semantic, "center": xs / 100, "offset": offset}
+
+
+def _scene(height: int, width: int, disks: list[tuple[int, int, int]]) -> np.ndarray:
+    """Blue sky on top, green ground below, red disks (cy, cx, r)."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 3] = (20, 40, 230)
+    image[height // 3 :] = (30, 200, 40)
+    yy, xx = np.mgrid[:height, :width]
+    for cy, cx, r in disks:
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (230, 30, 30)
+    return image
+
+
+def _predictor(model: nn.Module, align_corners: bool = True, **kwargs) -> Predictor:
+    cfg = ModelConfig(num_classes=3, output_stride=16, align_corners=align_corners)
+    return Predictor(model, (cfg, POST), META, device="cpu", **kwargs)
+
+
+DISKS = [(30, 25, 9), (40, 70, 10)]
+
+
+def test_input_kinds_give_the_same_result(tmp_path):
+    image = _scene(61, 97, DISKS)
+    path = tmp_path / "scene.png"
+    Image.fromarray(image).save(path)
+    predictor = _predictor(BlobModel())
+    inputs = [
+        str(path),
+        path,
+        Image.fromarray(image),
+        image,
+        torch.from_numpy(image).permute(2, 0, 1).float() / 255,
+    ]
+    results = [predictor.predict(x) for x in inputs]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.label_map, results[0].label_map)
+        np.testing.assert_allclose(other.offset, results[0].offset, atol=1e-5)
+    # the prediction recovers the scene: two cars numbered 1 and 2, sky and ground as stuff
+    labels = set(np.unique(results[0].label_map).tolist())
+    assert labels == {0, 1000, 2001, 2002}
+    assert len(results[0].instances) == 2
+    car = results[0].instances[0]
+    assert car.name == "car" and car.category_id == 9 and 0.9 < car.score <= 1.0
+    assert car.mask.sum() == car.area
+
+
+@pytest.mark.parametrize("size", [(61, 97), (64, 128), (1, 1), (17, 16)])
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_any_size_gives_maps_of_the_input_size(size, align_corners):
+    model = BlobModel()
+    predictor = _predictor(model, align_corners=align_corners)
+    result = predictor.predict(_scene(*size, []))
+    assert result.label_map.shape == size
+    assert result.semantic.shape == size and result.segment_ids.shape == size
+    assert result.center.shape == size and result.offset.shape == (2, *size)
+    h, w = model.calls[-1][2:]
+    # padded to a size the network resamples exactly (SPEC §1.7)
+    assert (h - int(align_corners)) % 16 == 0 and (w - int(align_corners)) % 16 == 0
+    assert h >= size[0] and w >= size[1]
+
+
+def test_padding_uses_the_mean_pixel():
+    class Recorder(_Normalising):
+        def forward(self, images):
+            self.seen = images.clone()
+            n, _, h, w = images.shape
+            return {
+                "semantic": torch.zeros(n, 3, h, w),
+                "center": torch.zeros(n, 1, h, w),
+                "offset": torch.zeros(n, 2, h, w),
+            }
+
+    model = Recorder()
+    _predictor(model).predict(np.zeros((20, 30, 3), np.uint8))
+    assert model.seen.shape[-2:] == (33, 33)
+    normalised = (model.seen - model.pixel_mean) / model.pixel_std
+    assert torch.all(normalised[..., 20:, :].abs() < 1e-6) and torch.all(normalised[..., 30:].abs() < 1e-6)
+
+
+def test_flip_tta_flips_back_and_negates_dx():
+    height, width = 61, 90  # padded to 65x97: flipping after padding would shift everything by 7 px
+    predictor = _predictor(PositionModel(), tta_flip=True)
+    out = predictor.raw_outputs([torch.rand(3, height, width)])[0]
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    mirrored = (width - 1) - xs
+    # the flipped view predicts dx = -x' at x' = W-1-x; flipped back and negated it is W-1-x
+    torch.testing.assert_close(out["offset"][0, 0], -ys)
+    torch.testing.assert_close(out["offset"][0, 1], ((-xs) + mirrored) / 2)
+    torch.testing.assert_close(out["center"][0, 0], (xs + mirrored) / 200)
+    direct = torch.stack([xs / 10, torch.zeros_like(xs), ys / 10]).softmax(0)
+    flipped = torch.stack([mirrored / 10, torch.zeros_like(xs), ys / 10]).softmax(0)
+    # semantic: log of the mean softmax probability of the two views
+    torch.testing.assert_close(out["semantic"][0].exp(), (direct + flipped) / 2)
+
+
+def test_single_view_passes_logits_through():
+    predictor = _predictor(PositionModel())
+    out = predictor.raw_outputs([torch.rand(3, 20, 30)])[0]
+    xs = torch.arange(30, dtype=torch.float32).expand(20, 30)
+    torch.testing.assert_close(out["semantic"][0, 0], xs / 10)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_multi_scale_offsets_are_rescaled_to_input_pixels(flip):
+    # The model points every pixel at the input's pixel (0, 0). Seen at any scale, the offsets brought
+    # back to the original size must still point at (0, 0) there: -y, -x exactly (align_corners=True).
+    height, width = 61, 90
+    predictor = _predictor(PositionModel(), tta_scales=(0.5, 1.0, 1.37))
+    out = predictor.raw_outputs([torch.rand(3, height, width)])[0]
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    torch.testing.assert_close(out["offset"][0, 0], -ys, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["offset"][0, 1], -xs, atol=1e-4, rtol=0)
+    if flip:
+        predictor = _predictor(PositionModel(), tta_scales=(0.5, 1.37), tta_flip=True)
+        out = predictor.raw_outputs([torch.rand(3, height, width)])[0]
+        # flipped views point at the top-right pixel (0, W-1): the average points halfway
+        torch.testing.assert_close(out["offset"][0, 1], (-xs + (width - 1 - xs)) / 2, atol=1e-4, rtol=0)
+
+
+def test_multi_scale_offsets_half_pixel_convention():
+    # With align_corners=False the fixed point of resizing is the corner (-0.5, -0.5): a model pointing
+    # there is seen pointing there at every scale (away from the clamped border rows).
+    height, width = 64, 96
+    predictor = _predictor(PositionModel(anchor=(-0.5, -0.5)), align_corners=False, tta_scales=(0.5, 1.5))
+    out = predictor.raw_outputs([torch.rand(3, height, width)])[0]
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    inner = (slice(2, -2), slice(2, -2))
+    torch.testing.assert_close(out["offset"][0, 0][inner], (-0.5 - ys)[inner], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["offset"][0, 1][inner], (-0.5 - xs)[inner], atol=1e-4, rtol=0)
+
+
+def test_tta_keeps_the_scene():
+    image = _scene(61, 97, DISKS)
+    plain = _predictor(BlobModel()).predict(image)
+    tta = _predictor(BlobModel(), tta_flip=True, tta_scales=(0.75, 1.0, 1.25)).predict(image)
+    assert len(tta.instances) == 2
+    agreement = (plain.label_map == tta.label_map).mean()
+    assert agreement > 0.98
+
+
+def test_batch_equals_single():
+    images = [_scene(61, 97, DISKS), _scene(64, 128, [(20, 100, 8)]), _scene(33, 40, [(15, 15, 6)])]
+    model = BlobModel()
+    predictor = _predictor(model, batch_size=3)
+    batched = predictor.predict_batch(images)
+    assert model.calls[-1][0] == 3  # one forward pass for the three images
+    assert model.calls[-1][2:] == (65, 129)
+    for image, result in zip(images, batched):
+        single = predictor.predict(image)
+        np.testing.assert_array_equal(result.label_map, single.label_map)
+        np.testing.assert_allclose(result.center, single.center, atol=1e-5)
+        assert [s.to_json() for s in result.segments_info] == [s.to_json() for s in single.segments_info]
+
+
+def test_input_errors_are_clear(tmp_path):
+    predictor = _predictor(BlobModel())
+    with pytest.raises(ValueError, match="missing.png"):
+        predictor.predict(tmp_path / "missing.png")
+    bad = tmp_path / "notanimage.jpg"
+    bad.write_bytes(b"hello")
+    with pytest.raises(ValueError, match="notanimage.jpg"):
+        predictor.predict(bad)
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        predictor.predict(np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        predictor.predict(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        predictor.predict(torch.zeros(10, 10, 3))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        predictor.predict(torch.full((3, 10, 10), 255.0))
+    with pytest.raises(ValueError, match="floating"):
+        predictor.predict(torch.zeros(3, 10, 10, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="list"):
+        image_to_tensor([1, 2, 3])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty"):
+        predictor.predict(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match="tta_scales"):
+        _predictor(BlobModel(), tta_scales=(0.0,))
+    with pytest.raises(ValueError, match="4 classes"):
+        Predictor(BlobModel(), (ModelConfig(num_classes=4), POST), META, device="cpu")
+
+
+def test_save_writes_coco_panoptic(tmp_path):
+    result = _predictor(BlobModel()).predict(_scene(61, 97, DISKS))
+    annotation = result.save(tmp_path / "out", "scene")
+    ids = read_panoptic_png(tmp_path / "out" / "scene.png")
+    assert ids.shape == (61, 97)
+    dataset = load_panoptic_json(tmp_path / "out" / "scene.json")
+    assert [c.id for c in dataset.meta.categories] == [3, 5, 9]
+    (entry,) = dataset.annotations
+    assert entry.file_name == "scene.png" and entry.to_json() == annotation.to_json()
+    assert dataset.images[0].height == 61 and dataset.images[0].width == 97
+    segments = {s.id: s for s in entry.segments_info}
+    assert set(segments) == set(np.unique(ids).tolist()) - {0}
+    assert sorted(s.category_id for s in segments.values()) == [3, 5, 9, 9]
+    for seg in segments.values():
+        mask = ids == seg.id
+        ys, xs = np.nonzero(mask)
+        assert seg.area == mask.sum() and not seg.iscrowd
+        assert list(seg.bbox) == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+
+
+def test_writer_is_atomic_and_replaces(tmp_path):
+    predictor = _predictor(BlobModel())
+    results = predictor.predict_batch([_scene(40, 50, [(20, 20, 8)]), _scene(30, 30, [])])
+    json_path, png_dir = tmp_path / "pred.json", tmp_path / "pred"
+    with pytest.raises(RuntimeError):
+        with PanopticPredictionWriter(json_path, png_dir, META) as writer:
+            writer.add(results[0], "a.jpg")
+            raise RuntimeError("boom")
+    assert not json_path.exists() and not png_dir.exists()
+    assert list(tmp_path.iterdir()) == []  # temporary folder removed too
+    for _ in range(2):  # the second run replaces the first
+        with PanopticPredictionWriter(json_path, png_dir, META) as writer:
+            writer.add(results[0], "a.jpg", image_id=7)
+            writer.add(results[1], "b.png")
+            with pytest.raises(ValueError, match="stem 'a'"):
+                writer.add(results[1], "a.png")
+    dataset = load_panoptic_json(json_path)
+    assert [im.id for im in dataset.images] == [7, "b"]
+    assert sorted(p.name for p in png_dir.iterdir()) == ["a.png", "b.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred", "pred.json"]
+
+
+def test_list_images(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        list_images(tmp_path / "nothing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images"):
+        list_images(tmp_path)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "b.PNG")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.jpg")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG"]
+    assert list_images(tmp_path / "a.jpg") == [tmp_path / "a.jpg"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    image = _scene(61, 97, DISKS)
+    cpu = _predictor(BlobModel()).predict(image)
+    cfg = ModelConfig(num_classes=3, output_stride=16)
+    cuda = Predictor(BlobModel(), (cfg, POST), META, device="cuda").predict(image)
+    np.testing.assert_array_equal(cpu.label_map, cuda.label_map)
+    assert math.isclose(cpu.instances[0].score, cuda.instances[0].score, rel_tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real (tiny, random) network through its checkpoint and the command line
+
+
+def _tiny_config():
+    from panoptic_deeplab.config import Config
+
+    cfg = Config()
+    cfg.model = ModelConfig(
+        backbone="mobilenetv3_large", pretrained=False, num_classes=3, aspp_channels=16,
+        semantic_decoder_channels=16, semantic_head_channels=16, instance_decoder_channels=16,
+        instance_head_channels=16,
+    )
+    cfg.postprocess = POST
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from panoptic_deeplab.config import config_to_dict
+    from panoptic_deeplab.engine.checkpoint import atomic_torch_save
+    from panoptic_deeplab.modeling import build_model
+
+    torch.manual_seed(0)
+    cfg = _tiny_config()
+    model = build_model(cfg.model)
+    with torch.no_grad():  # a center head that fires somewhere, so instances exist
+        for p in model.parameters():
+            p.mul_(3.0)
+    folder = tmp_path_factory.mktemp("ckpt")
+    state = {"model": model.state_dict(), "config": config_to_dict(cfg), "meta": META.to_json()}
+    path = atomic_torch_save(state, folder / "model.pt")
+    no_meta = atomic_torch_save({k: v for k, v in state.items() if k != "meta"}, folder / "no_meta.pt")
+    return path, no_meta
+
+
+def test_from_checkpoint_real_model(checkpoint):
+    path, no_meta = checkpoint
+    predictor = Predictor.from_checkpoint(path, device="cpu", batch_size=2)
+    assert predictor.meta.class_names == ["ground", "sky", "car"]
+    assert predictor.postprocess_cfg.stuff_area == POST.stuff_area
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8) for _ in range(2)]
+    batched = predictor.predict_batch(images)
+    for image, result in zip(images, batched):
+        single = predictor.predict(image)
+        assert result.label_map.shape == (50, 70)
+        np.testing.assert_allclose(result.center, single.center, atol=1e-4)
+        np.testing.assert_allclose(result.offset, single.offset, atol=1e-3)
+    with pytest.raises(ValueError, match="no 'meta' entry"):
+        Predictor.from_checkpoint(no_meta, device="cpu")
+    assert Predictor.from_checkpoint(no_meta, device="cpu", meta=META).meta is META
+
+
+def test_cli_predict_folder(checkpoint, tmp_path, capsys):
+    from panoptic_deeplab.cli import main
+
+    path, no_meta = checkpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(_scene(61, 97, DISKS)).save(images / "first.png")
+    Image.fromarray(_scene(40, 64, [(20, 30, 8)])).save(images / "second.jpg")
+    (images / "readme.txt").write_text("not an image")
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", str(path), "--input", str(images), "--output", str(out),
+            "--device", "cpu", "--tta-flip", "--tta-scales", "0.75,1", "--no-progress"]
+    assert main(argv) == 0
+    dataset = load_panoptic_json(out / "predictions.json")
+    assert [im.file_name for im in dataset.images] == ["first.png", "second.jpg"]
+    assert [(im.height, im.width) for im in dataset.images] == [(61, 97), (40, 64)]
+    for annotation, image in zip(dataset.annotations, dataset.images):
+        ids = read_panoptic_png(out / "panoptic" / annotation.file_name)
+        assert ids.shape == (image.height, image.width)
+        assert {s.id for s in annotation.segments_info} == set(np.unique(ids).tolist()) - {0}
+    for stem, size in (("first", (97, 61)), ("second", (64, 40))):
+        assert Image.open(out / "pictures" / f"{stem}_center.png").size == size
+        assert Image.open(out / "pictures" / f"{stem}_offset.png").size == size
+        overlay = Image.open(out / "pictures" / f"{stem}_overlay.png")
+        assert overlay.width == size[0] and overlay.height >= size[1]
+
+    # a checkpoint without categories needs --categories
+    assert main(argv[:2] + [str(no_meta)] + argv[3:]) == 2
+    assert "no 'meta' entry" in capsys.readouterr().err
+    assert main(argv[:2] + [str(no_meta)] + argv[3:] + ["--categories", str(out / "predictions.json"),
+                                                        "--no-pictures"]) == 0
+    # clear errors for missing or empty inputs and a missing checkpoint
+    assert main(["predict", "--checkpoint", str(path), "--input", str(tmp_path / "nope"), "--output", str(out)]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", "--checkpoint", str(path), "--input", str(empty), "--output", str(out)]) == 2
+    assert "contains no images" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(tmp_path / "x.pt"), "--input", str(images), "--output", str(out)]) == 2
+    assert "x.pt does not exist" in capsys.readouterr().err
+
+
+def test_package_exports_predictor():
+    import panoptic_deeplab
+
+    assert panoptic_deeplab.Predictor is Predictor

@@ -1,0 +1,175 @@
+"""PanopticDeepLab: output contract at any size, offset rescaling, gradients, determinism, init."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from panoptic_deeplab import PanopticDeepLab, build_model
+from panoptic_deeplab.config import ModelConfig
+from panoptic_deeplab.modeling.backbone import BACKBONE_PRESETS
+
+SIZES = [(1025, 2049), (513, 1025), (640, 640), (257, 300)]
+
+
+def _check_outputs(out: dict[str, torch.Tensor], batch: int, num_classes: int, size: tuple[int, int]) -> None:
+    assert set(out) == {"semantic", "center", "offset"}
+    assert tuple(out["semantic"].shape) == (batch, num_classes, *size)
+    assert tuple(out["center"].shape) == (batch, 1, *size)
+    assert tuple(out["offset"].shape) == (batch, 2, *size)
+    for value in out.values():
+        assert value.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONE_PRESETS))
+def test_every_preset_every_size_on_meta(backbone: str) -> None:
+    """Shapes and dtypes of every preset at every size with batch 2, on the meta device (no compute)."""
+    with torch.device("meta"):
+        model = build_model(ModelConfig(backbone=backbone, pretrained=False)).eval()
+        for size in SIZES:
+            _check_outputs(model(torch.zeros(2, 3, *size)), 2, 19, size)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONE_PRESETS))
+def test_every_preset_computes(backbone: str) -> None:
+    model = build_model(ModelConfig(backbone=backbone, pretrained=False, num_classes=7)).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 67, 90))
+    _check_outputs(out, 2, 7, (67, 90))
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize("size", SIZES + [(64, 64), (65, 97), (100, 37)])
+def test_mobilenet_every_size_computes(tiny_config, size: tuple[int, int]) -> None:
+    model = build_model(tiny_config()).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, *size))
+    _check_outputs(out, 2, 5, size)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("backbone", sorted(BACKBONE_PRESETS))
+def test_every_preset_every_size_computes(backbone: str, size: tuple[int, int]) -> None:
+    model = build_model(ModelConfig(backbone=backbone, pretrained=False)).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, *size))
+    _check_outputs(out, 2, 19, size)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_offsets_rescaled_to_input_pixels(tiny_config, align_corners: bool) -> None:
+    """Offsets of one stride-4 pixel become the matching number of input pixels, per axis (SPEC §1.7)."""
+    model = build_model(tiny_config(align_corners=align_corners)).eval()
+    model.offset_head.register_forward_hook(lambda m, i, o: torch.ones_like(o))
+    model.center_head.register_forward_hook(lambda m, i, o: torch.ones_like(o))
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 257, 301))
+    h4, w4 = 65, 76  # ceil(257 / 4), ceil(301 / 4)
+    if align_corners:
+        dy, dx = 256 / (h4 - 1), 300 / (w4 - 1)
+    else:
+        dy, dx = 257 / h4, 301 / w4
+    torch.testing.assert_close(out["offset"][:, 0], torch.full((1, 257, 301), dy))
+    torch.testing.assert_close(out["offset"][:, 1], torch.full((1, 257, 301), dx))
+    torch.testing.assert_close(out["center"], torch.ones(1, 1, 257, 301))  # values of other maps unscaled
+
+
+def test_forward_normalises_rgb_in_unit_range(tiny_config) -> None:
+    model = build_model(tiny_config()).eval()
+    seen = {}
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        model(mean.expand(1, 3, 32, 32).clone())
+    assert torch.allclose(seen["x"], torch.zeros(1, 3, 32, 32), atol=1e-6)
+    assert set(dict(model.named_buffers())) >= {"pixel_mean", "pixel_std"}
+
+
+def test_eval_is_deterministic(tiny_config) -> None:
+    model = build_model(tiny_config()).eval()
+    images = torch.rand(2, 3, 65, 97)
+    with torch.no_grad():
+        first, second = model(images), model(images)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"center_head": "d2", "aspp_separable": True, "concat_low_level_first": True, "init": "he"}],
+    ids=["paper", "d2-variants"],
+)
+def test_gradient_reaches_every_parameter(tiny_config, overrides: dict) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**overrides)).train()
+    out = model(torch.rand(2, 3, 64, 80))
+    # random weights: a plain sum of batch-normalised maps can have an exactly-zero gradient
+    loss = sum((v * torch.randn_like(v)).sum() for v in out.values())
+    loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
+
+
+def test_training_with_one_image_gives_clear_error(tiny_config) -> None:
+    model = build_model(tiny_config()).train()
+    with pytest.raises(ValueError, match="at least 2 images"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+def test_initialisation(tiny_config) -> None:
+    cfg = tiny_config(semantic_decoder_channels=64, bn_momentum=0.03, bn_eps=1e-3)
+    model = build_model(cfg)
+    # SPEC §1.6 "normal": Normal(0, 0.001) for decoder/head convs and predictors, zero bias
+    fuse_dw = model.semantic_decoder.fuse[0].pointwise.conv.weight
+    assert 0.0007 < fuse_dw.std().item() < 0.0013
+    for head in (model.semantic_head, model.center_head, model.offset_head):
+        assert torch.count_nonzero(head.predictor.bias) == 0
+        assert head.predictor.weight.abs().max() < 0.01
+    decoder_bns = [m for m in model.semantic_decoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert decoder_bns and all(m.momentum == 0.03 and m.eps == 1e-3 for m in decoder_bns)
+    assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in decoder_bns)
+    backbone_bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(m.eps != 1e-3 for m in backbone_bns)  # timm's own settings stay
+
+    he = build_model(dataclasses.replace(cfg, init="he"))
+    w = he.semantic_decoder.fuse[0].pointwise.conv.weight
+    expected = math.sqrt(2.0 / w[0].numel())
+    assert 0.8 * expected < w.std().item() < 1.2 * expected
+    pred = he.semantic_head.predictor.weight
+    assert pred.abs().max() <= 0.02 + 1e-6 and 0.005 < pred.std().item() < 0.012  # trunc normal 0.01
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_classes": 0}, "num_classes"),
+        ({"num_classes": 256}, "num_classes"),
+        ({"center_head": "sigmoid"}, "center_head"),
+        ({"init": "xavier"}, "init"),
+    ],
+)
+def test_bad_config(tiny_config, overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_model(tiny_config(**overrides))
+
+
+def test_bad_images(tiny_config) -> None:
+    model = build_model(tiny_config()).eval()
+    with pytest.raises(ValueError, match=r"expected RGB images \[N, 3, H, W\]"):
+        model(torch.rand(1, 1, 32, 32))
+
+
+def test_exports() -> None:
+    import panoptic_deeplab
+
+    assert panoptic_deeplab.build_model is build_model
+    assert panoptic_deeplab.PanopticDeepLab is PanopticDeepLab
+    model = build_model(ModelConfig(backbone="mobilenetv3_large", pretrained=False, num_classes=3))
+    assert isinstance(model, PanopticDeepLab) and model.num_classes == 3
