@@ -108,6 +108,13 @@ def _scene(height: int, width: int, disks: list[tuple[int, int, int]]) -> np.nda
     return image
 
 
+def _grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column index maps ``[H, W]`` (float)."""
+    ys = torch.arange(height, dtype=torch.float32).view(-1, 1).expand(height, width)
+    xs = torch.arange(width, dtype=torch.float32).view(1, -1).expand(height, width)
+    return ys, xs
+
+
 def _predictor(model: nn.Module, align_corners: bool = True, **kwargs) -> Predictor:
     cfg = ModelConfig(num_classes=3, output_stride=16, align_corners=align_corners)
     return Predictor(model, (cfg, POST), META, device="cpu", **kwargs)
@@ -178,7 +185,7 @@ def test_flip_tta_flips_back_and_negates_dx():
     height, width = 61, 90  # padded to 65x97: flipping after padding would shift everything by 7 px
     predictor = _predictor(PositionModel(), tta_flip=True)
     out = predictor.raw_outputs([torch.rand(3, height, width)])[0]
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    ys, xs = _grid(height, width)
     mirrored = (width - 1) - xs
     # the flipped view predicts dx = -x' at x' = W-1-x; flipped back and negated it is W-1-x
     torch.testing.assert_close(out["offset"][0, 0], -ys)
@@ -204,7 +211,7 @@ def test_multi_scale_offsets_are_rescaled_to_input_pixels(flip):
     height, width = 61, 90
     predictor = _predictor(PositionModel(), tta_scales=(0.5, 1.0, 1.37))
     out = predictor.raw_outputs([torch.rand(3, height, width)])[0]
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    ys, xs = _grid(height, width)
     torch.testing.assert_close(out["offset"][0, 0], -ys, atol=1e-4, rtol=0)
     torch.testing.assert_close(out["offset"][0, 1], -xs, atol=1e-4, rtol=0)
     if flip:
@@ -220,7 +227,7 @@ def test_multi_scale_offsets_half_pixel_convention():
     height, width = 64, 96
     predictor = _predictor(PositionModel(anchor=(-0.5, -0.5)), align_corners=False, tta_scales=(0.5, 1.5))
     out = predictor.raw_outputs([torch.rand(3, height, width)])[0]
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    ys, xs = _grid(height, width)
     inner = (slice(2, -2), slice(2, -2))
     torch.testing.assert_close(out["offset"][0, 0][inner], (-0.5 - ys)[inner], atol=1e-4, rtol=0)
     torch.testing.assert_close(out["offset"][0, 1][inner], (-0.5 - xs)[inner], atol=1e-4, rtol=0)
@@ -279,14 +286,14 @@ def test_input_errors_are_clear(tmp_path):
 
 def test_save_writes_coco_panoptic(tmp_path):
     result = _predictor(BlobModel()).predict(_scene(61, 97, DISKS))
-    annotation = result.save(tmp_path / "out", "scene")
+    annotation = result.save(tmp_path / "out", "scene", image_file_name="scene.jpg")
     ids = read_panoptic_png(tmp_path / "out" / "scene.png")
     assert ids.shape == (61, 97)
     dataset = load_panoptic_json(tmp_path / "out" / "scene.json")
     assert [c.id for c in dataset.meta.categories] == [3, 5, 9]
     (entry,) = dataset.annotations
     assert entry.file_name == "scene.png" and entry.to_json() == annotation.to_json()
-    assert dataset.images[0].height == 61 and dataset.images[0].width == 97
+    assert (dataset.images[0].file_name, dataset.images[0].height, dataset.images[0].width) == ("scene.jpg", 61, 97)
     segments = {s.id: s for s in entry.segments_info}
     assert set(segments) == set(np.unique(ids).tolist()) - {0}
     assert sorted(s.category_id for s in segments.values()) == [3, 5, 9, 9]
@@ -424,16 +431,19 @@ def test_cli_predict_folder(checkpoint, tmp_path, capsys):
     # a checkpoint without categories needs --categories
     assert main(argv[:2] + [str(no_meta)] + argv[3:]) == 2
     assert "no 'meta' entry" in capsys.readouterr().err
-    assert main(argv[:2] + [str(no_meta)] + argv[3:] + ["--categories", str(out / "predictions.json"),
-                                                        "--no-pictures"]) == 0
+    categories = ["--categories", str(out / "predictions.json"), "--no-pictures"]
+    assert main(argv[:2] + [str(no_meta)] + argv[3:] + categories) == 0
     # clear errors for missing or empty inputs and a missing checkpoint
-    assert main(["predict", "--checkpoint", str(path), "--input", str(tmp_path / "nope"), "--output", str(out)]) == 2
+    def run(ckpt, source):
+        return main(["predict", "--checkpoint", str(ckpt), "--input", str(source), "--output", str(out)])
+
+    assert run(path, tmp_path / "nope") == 2
     assert "nope does not exist" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["predict", "--checkpoint", str(path), "--input", str(empty), "--output", str(out)]) == 2
+    assert run(path, empty) == 2
     assert "contains no images" in capsys.readouterr().err
-    assert main(["predict", "--checkpoint", str(tmp_path / "x.pt"), "--input", str(images), "--output", str(out)]) == 2
+    assert run(tmp_path / "x.pt", images) == 2
     assert "x.pt does not exist" in capsys.readouterr().err
 
 

@@ -43,7 +43,8 @@ def test_overlay_size_mode_and_legend():
     with_legend = overlay_panoptic(image, labels, META)
     assert with_legend.mode == "RGB" and with_legend.width == 97 and with_legend.height > 61
     # the legend lists exactly the classes present, in train-id order, with their colors
-    assert legend_entries(labels, META) == [("road", (128, 64, 128)), ("sky", (70, 130, 180)), ("car", (0, 0, 142))]
+    expected = [("road", (128, 64, 128)), ("sky", (70, 130, 180)), ("car", (0, 0, 142))]
+    assert legend_entries(labels, META) == expected
     panel = np.asarray(with_legend)[61:].reshape(-1, 3)
     present = {tuple(c) for c in panel.tolist()}
     for _, color in legend_entries(labels, META):

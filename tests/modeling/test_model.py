@@ -38,18 +38,19 @@ def test_every_preset_every_size_on_meta(backbone: str) -> None:
 def test_every_preset_computes(backbone: str) -> None:
     model = build_model(ModelConfig(backbone=backbone, pretrained=False, num_classes=7)).eval()
     with torch.no_grad():
-        out = model(torch.rand(2, 3, 67, 90))
-    _check_outputs(out, 2, 7, (67, 90))
+        out = model(torch.rand(2, 3, 35, 46))
+    _check_outputs(out, 2, 7, (35, 46))
     assert all(torch.isfinite(v).all() for v in out.values())
 
 
-@pytest.mark.parametrize("size", SIZES + [(64, 64), (65, 97), (100, 37)])
-def test_mobilenet_every_size_computes(tiny_config, size: tuple[int, int]) -> None:
+def test_mobilenet_every_size_computes(tiny_config) -> None:
     model = build_model(tiny_config()).eval()
-    with torch.no_grad():
-        out = model(torch.rand(2, 3, *size))
-    _check_outputs(out, 2, 5, size)
-    assert all(torch.isfinite(v).all() for v in out.values())
+    for size in SIZES + [(64, 64), (65, 97), (100, 37)]:
+        batch = 1 if size == (1025, 2049) else 2  # batch 2 at full size is covered on meta / heavy
+        with torch.no_grad():
+            out = model(torch.rand(batch, 3, *size))
+        _check_outputs(out, batch, 5, size)
+        assert all(torch.isfinite(v).all() for v in out.values()), size
 
 
 @pytest.mark.heavy
@@ -70,15 +71,15 @@ def test_offsets_rescaled_to_input_pixels(tiny_config, align_corners: bool) -> N
     model.offset_head.register_forward_hook(lambda m, i, o: torch.ones_like(o))
     model.center_head.register_forward_hook(lambda m, i, o: torch.ones_like(o))
     with torch.no_grad():
-        out = model(torch.rand(1, 3, 257, 301))
-    h4, w4 = 65, 76  # ceil(257 / 4), ceil(301 / 4)
+        out = model(torch.rand(1, 3, 129, 150))
+    h4, w4 = 33, 38  # ceil(129 / 4), ceil(150 / 4)
     if align_corners:
-        dy, dx = 256 / (h4 - 1), 300 / (w4 - 1)
+        dy, dx = 128 / (h4 - 1), 149 / (w4 - 1)
     else:
-        dy, dx = 257 / h4, 301 / w4
-    torch.testing.assert_close(out["offset"][:, 0], torch.full((1, 257, 301), dy))
-    torch.testing.assert_close(out["offset"][:, 1], torch.full((1, 257, 301), dx))
-    torch.testing.assert_close(out["center"], torch.ones(1, 1, 257, 301))  # values of other maps unscaled
+        dy, dx = 129 / h4, 150 / w4
+    torch.testing.assert_close(out["offset"][:, 0], torch.full((1, 129, 150), dy))
+    torch.testing.assert_close(out["offset"][:, 1], torch.full((1, 129, 150), dx))
+    torch.testing.assert_close(out["center"], torch.ones(1, 1, 129, 150))  # values of other maps unscaled
 
 
 def test_forward_normalises_rgb_in_unit_range(tiny_config) -> None:

@@ -144,6 +144,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def broadcast_buffers(model: nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BN running statistics) to every rank.
+
+    Without SyncBatchNorm each rank's last forward updates its running statistics from its own batch
+    (DDP broadcasts rank 0's only at the start of the next forward), so the ranks' buffers differ at
+    the end of training even though the parameters are identical.
+    """
+    if info.distributed:
+        for buffer in unwrap_model(model).buffers():
+            dist.broadcast(buffer.data, src=src)
+
+
 def reduce_mean(values: dict[str, torch.Tensor], info: DistInfo) -> dict[str, float]:
     """Average scalar tensors over ranks (for logging); returns python floats on every rank."""
     keys = sorted(values)

@@ -31,6 +31,7 @@ from panoptic_deeplab.engine import checkpoint as ckpt_io
 from panoptic_deeplab.engine.distributed import (
     DistInfo,
     barrier,
+    broadcast_buffers,
     broadcast_object,
     cleanup_distributed,
     gather_objects,
@@ -447,6 +448,7 @@ class Trainer:
 
     def _check_weights_in_sync(self) -> str:
         """Digest of the final weights; in a distributed run, verify that every rank holds the same ones."""
+        broadcast_buffers(self.model, self.dist)  # rank 0's BN statistics, as in its checkpoints
         digest = state_dict_digest(unwrap_model(self.model).state_dict())
         digests = gather_objects(digest, self.dist)
         if self.is_main:

@@ -2,8 +2,8 @@
 
 SPEC §0 / §6: PQ as panopticapi computes it. Per image, with gt / pred id maps and their segment lists:
 
-* every (gt segment, pred segment) overlap is counted in one vectorised pass (``bincount`` over compact
-  index pairs), together with the overlap of every prediction with void (gt id 0);
+* every (gt segment, pred segment) overlap is counted in one vectorised pass (``np.unique`` over packed
+  ``gt_id * offset + pred_id`` pairs), together with the overlap of every prediction with void (gt id 0);
 * a non-crowd gt segment and a pred segment of the same category match when
   ``IoU = I / (|pred| + |gt| - I - |pred ∩ void|) > 0.5`` (the void part of the prediction is left out of the
   union); matched pairs are true positives and add their IoU;
@@ -151,8 +151,6 @@ def _as_id_map(ids: Any, what: str) -> np.ndarray:
         raise ValueError(f"{what}: expected an [H, W] id map, got shape {tuple(ids.shape)}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{what}: id map must be integer, got {ids.dtype}")
-    if ids.dtype.itemsize < 4 or ids.dtype == np.uint64:  # room for ids up to 256^3 and for the bit masks
-        ids = ids.astype(np.int64)
     return ids
 
 
@@ -171,31 +169,14 @@ def _segment_arrays(segments: Sequence[Mapping[str, Any]], what: str) -> tuple[n
     return ids, cats
 
 
-def _index_map(ids: np.ndarray, seg_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel ids -> 1 + position of the id in ``seg_ids`` (0 for void and absent ids), and the mask of absent ids.
-
-    Fast path: a lookup table on the lowest ``b`` bits of the id, for the smallest ``b`` (<= 16) that tells every
-    segment id and void apart; each pixel then costs one mask, two gathers and a compare. Otherwise a binary
-    search over the sorted ids.
-    """
-    flat = ids.ravel()
-    keys = np.concatenate([[VOID_ID], seg_ids])  # position 0 is void
-    for bits in range(max(1, int(len(keys) - 1).bit_length()), 17):
-        low = keys & ((1 << bits) - 1)
-        if len(np.unique(low)) == len(keys):
-            lut = np.zeros(1 << bits, dtype=np.intp)
-            lut[low] = np.arange(len(keys))
-            index = lut[flat & ((1 << bits) - 1)]
-            unknown = keys[index] != flat
-            if unknown.any():
-                index[unknown] = 0
-            return index, unknown
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    pos = np.searchsorted(sorted_keys, flat)
-    np.minimum(pos, len(keys) - 1, out=pos)
-    found = sorted_keys[pos] == flat
-    return np.where(found, order[pos], 0), ~found
+def _positions(values: np.ndarray, seg_ids: np.ndarray) -> np.ndarray:
+    """1 + position of each value in ``seg_ids`` (listed order); 0 where the value is not a segment id."""
+    if len(seg_ids) == 0:
+        return np.zeros(len(values), dtype=np.intp)
+    order = np.argsort(seg_ids, kind="stable")
+    sorted_ids = seg_ids[order]
+    pos = np.minimum(np.searchsorted(sorted_ids, values), len(seg_ids) - 1)
+    return np.where(sorted_ids[pos] == values, order[pos] + 1, 0)
 
 
 def pq_image_stat(
@@ -216,16 +197,25 @@ def pq_image_stat(
     g_crowd = np.fromiter((bool(s.get("iscrowd", 0)) for s in gt_segments), dtype=bool, count=len(gt_segments))
     ng, npr = len(g_id), len(p_id)
 
-    # gt index: 0 void, 1..ng segments, ng+1 ids absent from the JSON (neither void nor matchable, as panopticapi)
-    gi, g_unknown = _index_map(gt_ids, g_id)
-    if g_unknown.any():
-        gi[g_unknown] = ng + 1
-    pi, p_unknown = _index_map(pred_ids, p_id)
-    if p_unknown.any():
-        bad = np.unique(pred_ids.ravel()[p_unknown])[:10].tolist()
+    # One pass over the pixels: the distinct (gt id, pred id) pairs and their pixel counts (np.unique sorts the
+    # packed pairs; only the few distinct pairs are then looked up in the segment lists).
+    if gt_ids.min(initial=0) < 0 or pred_ids.min(initial=0) < 0:
+        raise ValueError(f"{where}: negative segment ids")
+    offset = int(pred_ids.max(initial=0)) + 1
+    if int(gt_ids.max(initial=0)) >= np.iinfo(np.int64).max // offset:
+        raise ValueError(f"{where}: segment ids too large to pair ({gt_ids.max()}, {pred_ids.max()})")
+    pairs, pair_counts = np.unique(gt_ids.astype(np.int64) * offset + pred_ids, return_counts=True)
+    pair_gt, pair_pred = np.divmod(pairs, offset)
+    # gt row: 0 void, 1..ng segments, ng+1 ids absent from the JSON (neither void nor matchable, as panopticapi)
+    gi = _positions(pair_gt, g_id)
+    gi[(gi == 0) & (pair_gt != VOID_ID)] = ng + 1
+    pi = _positions(pair_pred, p_id)
+    unknown = (pi == 0) & (pair_pred != VOID_ID)
+    if unknown.any():
+        bad = np.unique(pair_pred[unknown])[:10].tolist()
         raise ValueError(f"{where}: prediction segment ids {bad} are in the PNG but not in the JSON")
-    # one pass over the pixels: the whole (gt, pred) overlap table
-    counts = np.bincount(gi * (npr + 1) + pi, minlength=(ng + 2) * (npr + 1)).reshape(ng + 2, npr + 1)
+    counts = np.zeros((ng + 2, npr + 1), dtype=np.int64)
+    np.add.at(counts, (gi, pi), pair_counts)  # several absent gt ids may share row ng+1
 
     p_area = counts[:, 1:].sum(axis=0)
     if (p_area == 0).any():

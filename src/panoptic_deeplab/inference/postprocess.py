@@ -182,7 +182,7 @@ def _nearest_center(
     order = torch.sort((~is_cand).to(torch.uint8), dim=1, stable=True).indices[:, :width_table]
     valid = torch.arange(width_table, device=device) < counts[:, None]
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
-    table_idx = order
+    table_idx = order.contiguous()
     table_y = torch.where(valid, cy_all[order], inf)
     table_x = torch.where(valid, cx_all[order], inf)
 
@@ -195,11 +195,11 @@ def _nearest_center(
         c = cell[start : start + chunk]
         idx = in_idx[start : start + chunk]
         m = int(counts[c].max())
-        ddy = table_y.index_select(0, c)[:, :m].neg_().add_(py.index_select(0, idx)[:, None])
-        ddx = table_x.index_select(0, c)[:, :m].neg_().add_(px.index_select(0, idx)[:, None])
+        ddy = table_y[:, :m].index_select(0, c).neg_().add_(py.index_select(0, idx)[:, None])
+        ddx = table_x[:, :m].index_select(0, c).neg_().add_(px.index_select(0, idx)[:, None])
         dist = ddy.mul_(ddy).add_(ddx.mul_(ddx))  # (py - cy)^2 + (px - cx)^2, same rounding as written out
         best = dist.argmin(dim=1)  # first minimum: candidates are ascending, so the smaller center index
-        labels[idx] = table_idx.index_select(0, c).gather(1, best[:, None]).squeeze(1)
+        labels[idx] = table_idx.view(-1).index_select(0, c * width_table + best)
 
     out_idx = (~inside).nonzero().squeeze(1)
     chunk = max(1, _CHUNK_ELEMENTS // num_centers)

@@ -144,16 +144,24 @@ class PanopticResult:
         """The COCO panoptic annotation entry, its PNG being ``file_name``."""
         return PanopticAnnotation(image_id=image_id, file_name=file_name, segments_info=list(self.segments_info))
 
-    def save(self, out_dir: str | os.PathLike, stem: str, image_id: int | str | None = None) -> PanopticAnnotation:
+    def save(
+        self,
+        out_dir: str | os.PathLike,
+        stem: str,
+        image_id: int | str | None = None,
+        image_file_name: str | None = None,
+    ) -> PanopticAnnotation:
         """Write ``out_dir/stem.png`` (panoptic PNG) and ``out_dir/stem.json`` (a one-image COCO panoptic
-        JSON with ``images``, ``annotations`` and ``categories``); returns the annotation entry."""
+        JSON with ``images``, ``annotations`` and ``categories``); returns the annotation entry.
+
+        ``image_id`` and ``image_file_name`` (the input image's name) default to ``stem``."""
         out = Path(out_dir)
         image_id = stem if image_id is None else image_id
         write_panoptic_png(out / f"{stem}.png", self.segment_ids)
         annotation = self.annotation(f"{stem}.png", image_id)
         height, width = self.size
         dataset = PanopticDataset(
-            images=[ImageInfo(id=image_id, file_name=stem, height=height, width=width)],
+            images=[ImageInfo(id=image_id, file_name=image_file_name or stem, height=height, width=width)],
             annotations=[annotation],
             meta=self.meta,
         )
@@ -339,8 +347,9 @@ class Predictor:
         batch = torch.stack([pad_to_size(im, size, self._pad_fill) for im in images])
         outputs = self.model(batch)
         # Offsets are in input pixels and padding is at the bottom/right: cropping needs no rescale.
+        keys = ("semantic", "center", "offset")
         return [
-            {k: outputs[k][i : i + 1, :, : im.shape[1], : im.shape[2]].float() for k in ("semantic", "center", "offset")}
+            {k: outputs[k][i : i + 1, :, : im.shape[1], : im.shape[2]].float() for k in keys}
             for i, im in enumerate(images)
         ]
 

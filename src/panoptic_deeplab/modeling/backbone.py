@@ -61,7 +61,12 @@ def resolve_backbone(name: str) -> BackbonePreset:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hugging Face hub opens within ``timeout`` seconds."""
+    """Whether a TCP connection to the Hugging Face hub opens within ``timeout`` seconds.
+
+    Behind a proxy a direct connection says nothing, so the hub is then assumed reachable.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = url.hostname or "huggingface.co"
     port = url.port or (80 if url.scheme == "http" else 443)

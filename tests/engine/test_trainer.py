@@ -1,0 +1,157 @@
+"""The training loop on the tiny synthetic dataset: learning, exact resume, failures, outputs."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from panoptic_deeplab.cli import main as cli_main
+from panoptic_deeplab.config import load_config
+from panoptic_deeplab.data.coco_panoptic import DatasetError
+from panoptic_deeplab.engine import Trainer, TrainingDivergedError, load_checkpoint, poly_lr_factor, train
+from panoptic_deeplab.engine.trainer import state_dict_digest
+from panoptic_deeplab.modeling.losses import PanopticDeepLabLoss
+
+
+def test_poly_lr_factor() -> None:
+    assert poly_lr_factor(0, 100) == 1.0
+    assert poly_lr_factor(100, 100) == 0.0
+    assert poly_lr_factor(50, 100, power=0.9) == pytest.approx(0.5**0.9)
+    assert poly_lr_factor(150, 100) == 0.0  # clamped past the end
+    # linear warm-up from warmup_factor, multiplied onto the poly decay (SPEC §4.1)
+    assert poly_lr_factor(0, 100, warmup_iters=10, warmup_factor=0.001) == pytest.approx(0.001)
+    assert poly_lr_factor(5, 100, warmup_iters=10, warmup_factor=0.0) == pytest.approx(0.5 * 0.95**0.9)
+    assert poly_lr_factor(10, 100, warmup_iters=10) == pytest.approx(0.9**0.9)
+    with pytest.raises(ValueError, match="max_iter"):
+        poly_lr_factor(0, 0)
+
+
+def test_loss_falls_and_run_outputs(make_cfg, tmp_path: Path) -> None:
+    # No augmentation: the same 6 images over and over, which a working loop fits quickly.
+    cfg = make_cfg(
+        "data.min_scale=1.0", "data.max_scale=1.0", "data.flip=false", "solver.lr=0.003",
+        "solver.max_iter=18", "train.checkpoint_period=9", "train.eval_period=18",
+    )
+    result = train(cfg)
+    losses = [h["total"] for h in result.history]
+    assert len(losses) == 18 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, losses
+
+    out = Path(cfg.train.output_dir)
+    assert load_config(str(out / "config.yaml")) == cfg
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "metrics.jsonl").read_text().count('"type": "train"') == 18
+    # periodic evaluation: PQ and mIoU; the first evaluation is the best so far
+    (evaluation,) = result.evaluations
+    assert 0.0 <= evaluation["PQ"] <= 1.0 and 0.0 <= evaluation["mIoU"] <= 1.0
+    assert result.best_iteration == 18 and result.best_metric == evaluation["PQ"]
+    best = load_checkpoint(out / "best.pt")
+    assert best["iteration"] == 18 and best["best_metric"] == evaluation["PQ"]
+    # the final checkpoint holds the final weights and everything needed to resume
+    final = load_checkpoint(out / "model_0000018.pt")
+    assert state_dict_digest(final["model"]) == result.weights_digest
+    assert final["iteration"] == 18 and final["config"]["solver"]["max_iter"] == 18
+    assert {"optimizer", "scheduler", "scaler", "rng", "best_metric"} <= set(final)
+    assert sorted(p.name for p in out.glob("model_*.pt")) == ["model_0000009.pt", "model_0000018.pt"]
+
+
+def test_resume_continues_exactly(make_cfg, tmp_path: Path) -> None:
+    # Augmentation, dropout, gradient accumulation and clipping all on; 3 batches per epoch, so the
+    # resume point (micro-batch 4) lies inside the second epoch.
+    common = ("solver.max_iter=4", "solver.grad_accum=2", "solver.clip_grad_norm=1.0", "train.checkpoint_period=2")
+    straight = train(make_cfg(*common, f"train.output_dir={tmp_path / 'straight'}"))
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "straight" / "model_0000002.pt", resumed_dir)
+    resumed = train(make_cfg(*common, f"train.output_dir={resumed_dir}"), resume="auto")
+    assert [h["iteration"] for h in resumed.history] == [3, 4]
+    assert [h["total"] for h in resumed.history] == [h["total"] for h in straight.history[2:]]
+
+    a = load_checkpoint(tmp_path / "straight" / "model_0000004.pt")
+    b = load_checkpoint(resumed_dir / "model_0000004.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert straight.weights_digest == resumed.weights_digest
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(make_cfg, monkeypatch) -> None:
+    original = PanopticDeepLabLoss.forward
+    calls = {"n": 0}
+
+    def nan_on_third_call(self, outputs, targets):
+        losses = original(self, outputs, targets)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            losses["center"] = losses["center"] * float("nan")
+            losses["total"] = losses["total"] + losses["center"]
+        return losses
+
+    monkeypatch.setattr(PanopticDeepLabLoss, "forward", nan_on_third_call)
+    cfg = make_cfg("solver.max_iter=5", "train.checkpoint_period=2")
+    with pytest.raises(TrainingDivergedError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert "iteration 3" in message and "['center', 'total']" in message
+    assert re.search(r"image ids \['\d+', '\d+'\]", message), message
+    out = Path(cfg.train.output_dir)
+    assert sorted(p.name for p in out.glob("*.pt")) == ["model_0000002.pt"]
+    good = load_checkpoint(out / "model_0000002.pt")
+    assert good["iteration"] == 2
+    assert all(torch.isfinite(t).all() for t in good["model"].values() if t.is_floating_point())
+
+
+def test_corrupt_image_names_the_file(make_cfg, private_data: Path) -> None:
+    images = sorted((private_data / "train" / "images").iterdir())
+    for image in images:  # every image, so that the first batch hits one whatever the order
+        image.write_bytes(b"this is not an image")
+    cfg = make_cfg("data.num_workers=1", "solver.max_iter=1", data_root=private_data)
+    with pytest.raises(DatasetError) as info:
+        train(cfg)
+    assert re.search(r"train/images/\S+\.png", str(info.value)), str(info.value)
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused(make_cfg) -> None:
+    result = train(make_cfg("solver.amp=bf16", "solver.max_iter=1"))
+    assert math.isfinite(result.history[0]["total"])
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Trainer(make_cfg("solver.amp=fp16"))
+
+
+def test_cli_train_and_bad_resume(tiny_overrides: list[str], tmp_path: Path, capsys) -> None:
+    args = ["train", "--config", "synthetic_mnv3", *tiny_overrides, "solver.max_iter=1"]
+    assert cli_main([*args, "--output-dir", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "model_0000001.pt").is_file()
+    assert cli_main([*args, "--resume", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt: no such checkpoint" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_gloo(tiny_overrides: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "panoptic_deeplab.cli", "train", "--config", "synthetic_mnv3", "--output-dir", str(out),
+        *tiny_overrides,
+        "solver.max_iter=3", "train.checkpoint_period=3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    match = re.search(r"final weights sha256 per rank: ([0-9a-f]{64}) ([0-9a-f]{64})", log)
+    assert match, log[-4000:]
+    assert match.group(1) == match.group(2)
+    ckpt = load_checkpoint(out / "model_0000003.pt")
+    assert state_dict_digest(ckpt["model"]) == match.group(1)
+    assert len(ckpt["rng"]) == 2  # one RNG state per rank
+    assert "4 images per step" in log  # 2 per process x 2 processes
