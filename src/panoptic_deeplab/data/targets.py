@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from panoptic_deeplab.config import TargetConfig
-from panoptic_deeplab.data.coco_panoptic import IGNORE_LABEL, LABEL_DIVISOR, DatasetMeta
+from panoptic_deeplab.data.coco_panoptic import (
+    IGNORE_LABEL,
+    LABEL_DIVISOR,
+    DatasetMeta,
+    SegmentInfo,
+    ids_to_label_map,
+)
 
 TARGET_KEYS = ("semantic", "semantic_weights", "center", "center_weights", "offset", "offset_weights")
 
@@ -197,68 +203,9 @@ def generate_targets(
     }
 
 
-def _ids_to_label_map(
-    ids: Tensor | np.ndarray,
-    segments_info: Sequence[Mapping[str, Any]],
-    meta: DatasetMeta,
-    *,
-    context: str = "",
-) -> Tensor:
-    """COCO panoptic segment ids ``[H, W]`` + ``segments_info`` -> label map ``[H, W]`` int64.
-
-    Id 0 is void. Thing segments that are not crowd are numbered 1, 2, ... in the order of
-    ``segments_info``; crowd and stuff segments get instance 0. ``context`` (e.g. the PNG file name) is named
-    in errors.
-    """
-    where = f"{context}: " if context else ""
-    id_map = torch.as_tensor(ids).to(torch.int64)
-    if id_map.dim() != 2:
-        raise ValueError(f"{where}segment id map must be [H, W], got shape {tuple(id_map.shape)}")
-    segment_ids: list[int] = []
-    segment_labels: list[int] = []
-    next_instance = 1
-    for segment in segments_info:
-        if "id" not in segment or "category_id" not in segment:
-            raise ValueError(f"{where}segment {dict(segment)!r} lacks 'id' or 'category_id'")
-        seg_id = int(segment["id"])
-        train_id = meta.train_id(int(segment["category_id"]), context=f"{context} segment {seg_id}".strip())
-        instance = 0
-        if meta.is_thing_train_id(train_id) and not segment.get("iscrowd", 0):
-            instance = next_instance
-            next_instance += 1
-            if instance >= meta.label_divisor:
-                raise ValueError(
-                    f"{where}more than {meta.label_divisor - 1} thing instances do not fit label_divisor "
-                    f"{meta.label_divisor}"
-                )
-        segment_ids.append(seg_id)
-        segment_labels.append(train_id * meta.label_divisor + instance)
-    if len(set(segment_ids)) != len(segment_ids) or 0 in segment_ids:
-        raise ValueError(f"{where}segment ids must be unique and non-zero, got {segment_ids}")
-
-    flat_ids = id_map.reshape(-1)
-    void = meta.ignore_label * meta.label_divisor
-    if not segment_ids:
-        if bool((flat_ids != 0).any()):
-            raise ValueError(f"{where}the id map has non-zero segment ids but segments_info is empty")
-        return torch.full_like(id_map, void)
-    order = torch.tensor(segment_ids, dtype=torch.int64).argsort()
-    sorted_ids = torch.tensor(segment_ids, dtype=torch.int64)[order].to(id_map.device)
-    sorted_labels = torch.tensor(segment_labels, dtype=torch.int64)[order].to(id_map.device)
-    # Ids go up to 256^3, too many for a dense lookup table: binary search over the few segment ids instead.
-    position = torch.searchsorted(sorted_ids, flat_ids).clamp_(max=len(segment_ids) - 1)
-    found = torch.index_select(sorted_ids, 0, position) == flat_ids
-    labels = torch.index_select(sorted_labels, 0, position)
-    unknown = ~found & (flat_ids != 0)
-    if bool(unknown.any()):
-        missing = torch.unique(flat_ids[unknown])[:10].tolist()
-        raise ValueError(f"{where}segment ids {missing} appear in the id map but not in segments_info")
-    return torch.where(found, labels, torch.full_like(labels, void)).view(id_map.shape)
-
-
 def generate_targets_from_ids(
     ids: Tensor | np.ndarray,
-    segments_info: Sequence[Mapping[str, Any]],
+    segments_info: Sequence[SegmentInfo | Mapping[str, Any]],
     meta: DatasetMeta,
     *,
     sigma: float = 8.0,
@@ -268,7 +215,8 @@ def generate_targets_from_ids(
     context: str = "",
 ) -> dict[str, Tensor]:
     """``generate_targets`` for a COCO panoptic id map ``[H, W]`` and its ``segments_info``."""
-    label_map = _ids_to_label_map(ids, segments_info, meta, context=context)
+    segments = [s if isinstance(s, SegmentInfo) else SegmentInfo.from_json(dict(s), context) for s in segments_info]
+    label_map = torch.from_numpy(ids_to_label_map(np.asarray(ids), segments, meta, context).astype(np.int64))
     return generate_targets(
         label_map,
         meta.thing_train_ids,
