@@ -1,6 +1,6 @@
 """CPU forward latency of Panoptic-DeepLab, eager vs channels_last, and how close it runs to the matmul peak.
 
-For each backbone: median latency of the whole network and of the backbone alone (eval, no_grad, random
+For each backbone: median latency over interleaved rounds of the whole network and of the backbone alone (eval, no_grad, random
 weights, batch 1), in the default (contiguous NCHW) layout and in channels_last. Multiply-adds come from
 ``model_info``; the machine's reference rate is a large fp32 matmul timed in the same run, so the ratios
 are comparable even on a busy machine.
@@ -23,49 +23,32 @@ from panoptic_deeplab.modeling import build_model
 from panoptic_deeplab.modeling.flops import model_info
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def matmul_macs_per_second(n: int = 4096, repeats: int = 3) -> float:
-    """Multiply-adds per second of an ``n x n`` fp32 matmul: the reference for the machine's peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = _median_seconds(lambda: a @ b, repeats, warmup=2)
-    return n**3 / seconds
-
-
-def bench_backbone(name: str, size: tuple[int, int], repeats: int) -> list[dict]:
-    cfg = ModelConfig(backbone=name, pretrained=False)
-    info = model_info(cfg, size)
-    model = build_model(cfg).eval()
-    rows = []
-    for layout in ("eager", "channels_last"):
-        images = torch.rand(1, 3, *size)
-        if layout == "channels_last":
-            model = model.to(memory_format=torch.channels_last)
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            total = _median_seconds(lambda: model(images), repeats)
+def _cases(names: list[str], size: tuple[int, int]) -> dict[tuple[str, str, str], Callable[[], object]]:
+    """(backbone, layout, part) -> a no-grad forward pass; part is "total" or "backbone"."""
+    cases: dict[tuple[str, str, str], Callable[[], object]] = {}
+    for name in names:
+        for layout in ("eager", "channels_last"):
+            model = build_model(ModelConfig(backbone=name, pretrained=False)).eval()
+            images = torch.rand(1, 3, *size)
+            if layout == "channels_last":
+                model = model.to(memory_format=torch.channels_last)
+                images = images.contiguous(memory_format=torch.channels_last)
             normalized = model.normalize(images)
-            backbone = _median_seconds(lambda: model.backbone(normalized), repeats)
-        rows.append(
-            dict(
-                backbone=name,
-                layout=layout,
-                total_s=total,
-                backbone_s=backbone,
-                macs=info.parts["total"].macs,
-                backbone_macs=info.parts["backbone"].macs,
-            )
-        )
-    return rows
+            cases[(name, layout, "total")] = lambda m=model, x=images: m(x)
+            cases[(name, layout, "backbone")] = lambda m=model, x=normalized: m.backbone(x)
+    return cases
+
+
+def _matmul(n: int = 4096) -> tuple[Callable[[], object], int]:
+    """An ``n x n`` fp32 matmul and its multiply-adds: the reference for the machine's peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return (lambda: a @ b), n**3
 
 
 def main() -> None:
@@ -79,12 +62,27 @@ def main() -> None:
     torch.set_num_threads(cores)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({cores} cores), input 1x3x{size[0]}x{size[1]}")
 
-    peak_before = matmul_macs_per_second()
-    rows = [row for name in args.backbones for row in bench_backbone(name, size, args.repeats)]
-    peak_after = matmul_macs_per_second()
-    peak = max(peak_before, peak_after)  # timed before and after: the best is the closest to the peak
-    print(f"fp32 4096^3 matmul: {peak / 1e9:.1f} GMAC/s (before {peak_before / 1e9:.1f}, "
-          f"after {peak_after / 1e9:.1f})\n")
+    cases = _cases(args.backbones, size)
+    matmul, matmul_macs = _matmul()
+    macs = {name: model_info(ModelConfig(backbone=name), size).parts for name in args.backbones}
+    with torch.no_grad():
+        for fn in [matmul, *cases.values()]:  # warm-up (oneDNN primitive creation)
+            fn()
+        # Rounds interleave every case and the matmul, so that load drift on a shared machine hits all alike.
+        times: dict[object, list[float]] = {key: [] for key in [*cases, "matmul"]}
+        for _ in range(args.repeats):
+            times["matmul"].append(_seconds(matmul))
+            for key, fn in cases.items():
+                times[key].append(_seconds(fn))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    peak = matmul_macs / med["matmul"]  # same statistic as the network's latencies
+    print(f"fp32 4096^3 matmul: median {peak / 1e9:.1f} GMAC/s, best {matmul_macs / min(times['matmul']) / 1e9:.1f}\n")
+    rows = [
+        dict(backbone=name, layout=layout, total_s=med[(name, layout, "total")],
+             backbone_s=med[(name, layout, "backbone")], macs=macs[name]["total"].macs)
+        for name in args.backbones
+        for layout in ("eager", "channels_last")
+    ]
 
     header = f"{'backbone':<18} {'layout':<14} {'total ms':>9} {'backbone ms':>11} {'bb share':>8} " \
              f"{'GMACs':>7} {'GMAC/s':>7} {'of matmul':>9} {'vs eager':>8}"

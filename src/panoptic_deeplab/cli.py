@@ -228,32 +228,107 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="panoptic quality (PQ, SQ, RQ) of predictions against ground truth",
-        description="Files form: --gt-json/--gt-dir against --pred-json/--pred-dir, all in the COCO panoptic "
-        "format; PQ exactly as panopticapi pq_compute. Prints a table (All / Things / Stuff, per class) and "
-        "writes the full report (per class and per image) to --output.",
+        help="PQ / mIoU / AP of a checkpoint on a dataset split, or PQ of prediction files",
+        description="Model form: --checkpoint C [--config CFG] [--split val] [key=value ...] predicts every image "
+        "of the split (paths from the checkpoint's config, or from --config, plus overrides) and reports PQ/SQ/RQ, "
+        "mIoU, COCO and Cityscapes mask AP; --predictions-dir also writes the predictions (COCO panoptic) for the "
+        "files form. Files form: --gt-json/--gt-dir against --pred-json/--pred-dir, all in the COCO panoptic "
+        "format; PQ exactly as panopticapi pq_compute. Prints a table and writes the full report (per class and "
+        "per image) to --output. Exit status: 0 done, 2 unusable arguments, checkpoint or dataset.",
     )
-    p.add_argument("--gt-json", required=True, help="ground-truth COCO panoptic JSON (its categories are used)")
-    p.add_argument("--gt-dir", required=True, help="directory of the ground-truth panoptic PNGs")
-    # the source of the predictions: files now; a model (--checkpoint with --config) joins this group later
+    # the source of the predictions: prediction files, or a model that predicts the split
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--pred-json", help="predicted COCO panoptic JSON (needs --pred-dir)")
-    p.add_argument("--pred-dir", help="directory of the predicted panoptic PNGs")
+    source.add_argument("--pred-json", help="files form: predicted COCO panoptic JSON (needs --pred-dir)")
+    source.add_argument("--checkpoint", help="model form: checkpoint file written by train")
+    files = p.add_argument_group("files form")
+    files.add_argument("--gt-json", help="ground-truth COCO panoptic JSON (its categories are used)")
+    files.add_argument("--gt-dir", help="directory of the ground-truth panoptic PNGs")
+    files.add_argument("--pred-dir", help="directory of the predicted panoptic PNGs")
+    files.add_argument("--workers", type=int, default=None, help="processes reading images (default: all CPUs)")
+    model = p.add_argument_group("model form")
+    model.add_argument("--config", default=None, help="preset or YAML replacing the checkpoint's saved config")
+    model.add_argument("--split", choices=("val", "train"), default="val", help="split of data.<split> (default val)")
+    model.add_argument("--predictions-dir", default=None, metavar="DIR",
+                       help="also write DIR/predictions.json + DIR/panoptic/*.png (COCO panoptic)")
+    model.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images")
+    model.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:K")
+    model.add_argument("--tta-flip", action="store_true", help="also average the horizontally flipped image")
+    model.add_argument("--tta-scales", type=_parse_scales, default=(1.0,), metavar="S1,S2,...",
+                       help="average over these input scales, e.g. 0.75,1,1.25 (default 1)")
+    model.add_argument("--batch-size", type=int, default=None,
+                       help="images per forward pass (default data.eval_batch_size)")
+    model.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    model.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, e.g. postprocess.stuff_area=4096 data.val.json=...")
     p.add_argument("--output", default=None, metavar="REPORT.json", help="write the report as JSON (atomically)")
-    p.add_argument("--workers", type=int, default=None, help="processes reading images (default: all CPUs)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    form, other = ("model", "files") if args.checkpoint is not None else ("files", "model")
+    misplaced = {
+        "model": [("--gt-json", args.gt_json), ("--gt-dir", args.gt_dir), ("--pred-dir", args.pred_dir),
+                  ("--workers", args.workers)],
+        "files": [("--config", args.config), ("--split", args.split != "val"),
+                  ("--predictions-dir", args.predictions_dir), ("--max-images", args.max_images),
+                  ("--device", args.device != "auto"), ("--tta-flip", args.tta_flip),
+                  ("--tta-scales", args.tta_scales != (1.0,)), ("--batch-size", args.batch_size),
+                  ("key=value overrides", args.overrides)],
+    }[form]
+    wrong = [name for name, value in misplaced if value]
+    if wrong:
+        flag = "--checkpoint" if form == "model" else "--pred-json"
+        print(f"error: {', '.join(wrong)}: only for the {other} form, not with {flag}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return _run_evaluate_model(args) if form == "model" else _run_evaluate_files(args)
+
+
+def _run_evaluate_files(args: argparse.Namespace) -> int:
     from panoptic_deeplab.evaluation import evaluate_panoptic_files
 
-    if args.pred_json is not None and args.pred_dir is None:
-        print("error: --pred-json needs --pred-dir (the folder of its PNGs)", file=sys.stderr)
+    missing = [name for name, value in (("--gt-json", args.gt_json), ("--gt-dir", args.gt_dir),
+                                        ("--pred-dir", args.pred_dir)) if value is None]
+    if missing:
+        print(f"error: --pred-json needs {' and '.join(missing)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.workers is not None and args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return EXIT_BAD_INPUT
     report = evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers)
     print(report.format_table())
+    if args.output is not None:
+        report.save_json(args.output)
+        print(f"report written to {args.output}")
+    return EXIT_OK
+
+
+def _run_evaluate_model(args: argparse.Namespace) -> int:
+    from panoptic_deeplab.data.coco_panoptic import DatasetMeta
+    from panoptic_deeplab.data.dataset import PanopticDataset
+    from panoptic_deeplab.engine.checkpoint import CheckpointError, load_checkpoint
+    from panoptic_deeplab.evaluation.evaluator import evaluate_model, evaluation_config, predictor_from_checkpoint
+
+    for name, value in (("--max-images", args.max_images), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    cfg = evaluation_config(checkpoint, args.checkpoint, args.config, args.overrides)
+    # The split's JSON gives the categories; a checkpoint's own list (when saved) must agree with it.
+    dataset = PanopticDataset(getattr(cfg.data, args.split), transform=None, name=args.split)
+    meta = DatasetMeta.from_json(checkpoint["meta"]) if "meta" in checkpoint else dataset.meta
+    predictor = predictor_from_checkpoint(
+        checkpoint, cfg, meta, args.checkpoint, device=args.device, tta_flip=args.tta_flip,
+        tta_scales=args.tta_scales, batch_size=args.batch_size or cfg.data.eval_batch_size,
+    )
+    report = evaluate_model(predictor, dataset, predictions_dir=args.predictions_dir, max_images=args.max_images,
+                            progress=not args.no_progress, num_workers=cfg.data.num_workers)
+    print(report.format_table())
+    if args.predictions_dir is not None:
+        print(f"predictions written to {args.predictions_dir}")
     if args.output is not None:
         report.save_json(args.output)
         print(f"report written to {args.output}")

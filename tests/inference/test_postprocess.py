@@ -207,7 +207,9 @@ def test_group_many_centers_matches_full_distance(seed):
     """Pruned search == full float64 pixels x centers argmin, incl. exact ties and offsets out of the image."""
     gen = torch.Generator().manual_seed(seed)
     height, width, k = 90, 130, [1, 40, 150][seed]
-    centers = torch.stack([torch.randint(0, height, (k,), generator=gen), torch.randint(0, width, (k,), generator=gen)], 1)
+    centers = torch.stack(
+        [torch.randint(0, height, (k,), generator=gen), torch.randint(0, width, (k,), generator=gen)], dim=1
+    )
     thing = torch.rand(height, width, generator=gen) < 0.7
     offset = torch.randn(2, height, width, generator=gen) * 30
     offset[:, : height // 2] = torch.round(offset[:, : height // 2])  # integer predictions: exact ties
@@ -321,7 +323,8 @@ def _blobs_case(seed: int, batch: int = 2, height: int = 24, width: int = 31, cl
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_pipeline_random_matches_reference(seed):
     logits, heat, offset = _blobs_case(seed)
-    cfg = PostProcessConfig(center_threshold=0.5, nms_kernel=[3, 7, 5, 1][seed], top_k=[8, 200, 3, 12][seed], stuff_area=30)
+    kernel, top_k, stuff_area = [(3, 8, 30), (7, 200, 150), (5, 3, 100), (1, 12, 60)][seed]
+    cfg = PostProcessConfig(center_threshold=0.5, nms_kernel=kernel, top_k=top_k, stuff_area=stuff_area)
     assert_matches_reference(logits, heat, offset, [3, 4, 5], cfg)
 
 

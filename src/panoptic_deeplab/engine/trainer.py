@@ -2,10 +2,11 @@
 periodic evaluation, checkpoints, TensorBoard, single process or torch.distributed (see ``distributed.py``).
 
 Exact resumption: a checkpoint after ``it`` optimisation steps restores the model, optimizer, scheduler,
-scaler and every rank's RNG states; the data stream is positioned at micro-batch ``it * grad_accum``
-(epoch ``m // len(loader)``, then the sampler skips the batches already seen in that epoch). Since the
-dataset seeds its augmentation per sample from ``(seed, epoch, index)``, the resumed run sees the same
-batches, with the same augmentation, as an uninterrupted one and ends with the same weights.
+scaler and every rank's RNG states; the data stream is positioned at micro-batch ``m = it * grad_accum``
+(epoch ``m // batches_per_epoch``, whose sampler skips the batches already seen without loading them:
+``data.dataset.iterate_batches``). Since the dataset seeds its augmentation per sample from
+``(seed, epoch, index)``, the resumed run sees the same batches, with the same augmentation, as an
+uninterrupted one and ends with the same weights (with the same number of processes).
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ class TrainResult:
     """What ``Trainer.train`` returns."""
 
     iteration: int
-    history: list[dict[str, float]] = field(default_factory=list)  # one entry per step run in this process
+    # one entry per log line of this process (every train.log_period steps): iteration, lr, the losses
+    # averaged over the steps since the previous entry, images_per_s
+    history: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float | None = None
     best_iteration: int | None = None
@@ -254,7 +257,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = {k: torch.zeros((), device=self.device) for k in LOSS_TERMS}
-        bad: list[tuple[list[str], list[str]]] = []  # (non-finite terms, image ids) per bad micro-batch
+        micro: list[tuple[torch.Tensor, list[str]]] = []  # (loss terms, image ids): for the error message
         for k in range(s.grad_accum):
             batch = next(stream)
             images, targets = self._to_device(batch)
@@ -266,14 +269,18 @@ class Trainer:
                 # Backward even on a non-finite loss: skipping it on one rank would leave the others
                 # waiting in DDP's gradient all-reduce. The step is abandoned below, before the optimizer.
                 self.scaler.scale(losses["total"] / s.grad_accum).backward()
-            nonfinite = [name for name in LOSS_TERMS if not torch.isfinite(losses[name]).item()]
-            if nonfinite:
-                bad.append((nonfinite, [str(i) for i in batch["image_id"]]))
+            micro.append((torch.stack([losses[n].detach() for n in LOSS_TERMS]), [str(i) for i in batch["image_id"]]))
             for name in LOSS_TERMS:
                 sums[name] += losses[name].detach() / s.grad_accum
-        # One collective per step: a non-finite loss on any rank makes the mean non-finite on all ranks.
+        # One collective (and one device sync) per step: a non-finite loss on any rank makes the mean
+        # non-finite on all ranks, so that they all stop together.
         mean_losses = reduce_mean(sums, self.dist)
         if not all(math.isfinite(v) for v in mean_losses.values()):
+            bad = []
+            for terms, ids in micro:
+                finite = torch.isfinite(terms).tolist()
+                if not all(finite):
+                    bad.append(([n for n, ok in zip(LOSS_TERMS, finite) if not ok], ids))
             self._raise_diverged(bad)
         if s.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
@@ -380,6 +387,7 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run from the current iteration to ``solver.max_iter``."""
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         from panoptic_deeplab.data.dataset import iterate_batches
 
@@ -390,32 +398,42 @@ class Trainer:
         # at 0 or resumed: the sampler skips the batches already seen without loading them.
         stream = iterate_batches(self.train_loader, self.iteration * s.grad_accum)
         bar = tqdm(total=s.max_iter, initial=self.iteration, disable=not self.is_main, desc="train", dynamic_ncols=True)
-        window_start, window_iters = time.perf_counter(), 0
+        window: dict[str, float] = {}  # sums of the losses since the last log line
+        window_iters, window_start = 0, time.perf_counter()
         if self.is_main:
             logger.info(
                 "training from iteration %d to %d on %s (%d process(es), %d images per step)",
                 self.iteration, s.max_iter, self.device, self.dist.world_size, images_per_step,
             )
         try:
-            while self.iteration < s.max_iter:
-                lr = self.optimizer.param_groups[0]["lr"]
-                losses = self._step(stream)
-                window_iters += 1
-                record = {"iteration": self.iteration, "lr": lr, **losses}
-                history.append(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses['total']:.4f}", lr=f"{lr:.2e}")
-                if self.iteration % t.log_period == 0 or self.iteration == s.max_iter:
-                    elapsed = time.perf_counter() - window_start
-                    record["images_per_s"] = window_iters * images_per_step / max(elapsed, 1e-9)
-                    window_start, window_iters = time.perf_counter(), 0
-                    if self.is_main:
-                        self._log(record)
-                # Evaluate before checkpointing, so that the checkpoint carries the updated best metric.
-                if t.eval_period > 0 and (self.iteration % t.eval_period == 0 or self.iteration == s.max_iter):
-                    self._run_evaluation()
-                if self.iteration % t.checkpoint_period == 0 or self.iteration == s.max_iter:
-                    self.save_checkpoint()
+            with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+                while self.iteration < s.max_iter:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    losses = self._step(stream)
+                    for name, value in losses.items():
+                        window[name] = window.get(name, 0.0) + value
+                    window_iters += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses['total']:.4f}", lr=f"{lr:.2e}")
+                    if self.iteration % t.log_period == 0 or self.iteration == s.max_iter:
+                        elapsed = time.perf_counter() - window_start
+                        record = {
+                            "iteration": self.iteration,
+                            "lr": lr,
+                            **{name: total / window_iters for name, total in window.items()},
+                            "images_per_s": window_iters * images_per_step / max(elapsed, 1e-9),
+                        }
+                        history.append(record)
+                        if self.is_main:
+                            self._log(record)
+                        window, window_iters = {}, 0
+                    # Evaluate before checkpointing, so that the checkpoint carries the updated best metric.
+                    if t.eval_period > 0 and (self.iteration % t.eval_period == 0 or self.iteration == s.max_iter):
+                        self._run_evaluation()
+                    if self.iteration % t.checkpoint_period == 0 or self.iteration == s.max_iter:
+                        self.save_checkpoint()
+                    if window_iters == 0:  # the throughput window starts after logging, evaluating, saving
+                        window_start = time.perf_counter()
         finally:
             bar.close()
             if self._writer is not None:

@@ -1,5 +1,8 @@
 """Evaluation: panoptic quality (panopticapi semantics), mIoU, COCO and Cityscapes mask AP, reports."""
 
+from importlib import import_module
+from typing import Any
+
 from panoptic_deeplab.evaluation.instance_ap import CityscapesInstanceEvaluator, COCOInstanceEvaluator
 from panoptic_deeplab.evaluation.panoptic_quality import (
     PanopticEvaluator,
@@ -19,6 +22,21 @@ from panoptic_deeplab.evaluation.report import (
 )
 from panoptic_deeplab.evaluation.semantic import SemanticEvaluator
 
+# Evaluating a model (evaluator.py) needs torch: imported on first use (PEP 562), so that the files form of
+# `evaluate` and other torch-free users of this package do not pay for it.
+_LAZY_EXPORTS = {
+    "EvaluationReport": "panoptic_deeplab.evaluation.evaluator",
+    "evaluate_in_memory": "panoptic_deeplab.evaluation.evaluator",
+    "evaluate_model": "panoptic_deeplab.evaluation.evaluator",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_EXPORTS:
+        return getattr(import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'panoptic_deeplab.evaluation' has no attribute {name!r}")
+
+
 __all__ = [
     "COCOInstanceEvaluator",
     "CityscapesInstanceEvaluator",
@@ -35,4 +53,5 @@ __all__ = [
     "label_map_to_segments",
     "pq_image_stat",
     "write_json_atomic",
+    *_LAZY_EXPORTS,
 ]

@@ -8,7 +8,7 @@ filter. Output is the label map of docs/ARCHITECTURE.md (``train_id * label_divi
 Why this is fast and memory-sane where the reference implementations are not (they build a
 ``[centers, pixels, 2]`` tensor): only thing pixels are grouped, and each of them is compared with a short
 list of candidate centers, those that can be nearest to some point of its grid cell (see
-:func:`_nearest_center`); work and memory grow with the number of pixels, not pixels x centers. Class
+:func:`_build_table`); work and memory grow with the number of pixels, not pixels x centers. Class
 votes, areas, scores and boxes are all computed with ``bincount`` / ``scatter_reduce`` in one pass.
 """
 
@@ -34,8 +34,8 @@ __all__ = [
     "panoptic_postprocess",
 ]
 
-# Elements of the [points, candidates] distance block handled at once; bounds the temporary memory of
-# grouping (about 40 bytes per element in float64 with its index/coordinate gathers) to ~20 MB.
+# Elements of the [points, candidates] distance block handled at once (float64): bounds the temporary
+# memory of grouping to ~20 MB whatever the image size; the scores use 4x this many float32 logits.
 _CHUNK_ELEMENTS = 1 << 19
 
 
@@ -135,93 +135,126 @@ def find_instance_centers(
     return centers, scores
 
 
-def _nearest_center(
-    py: Tensor, px: Tensor, centers: Tensor, height: int, width: int, cell_size: int | None = None
-) -> Tensor:
-    """Index (0..K-1) of the nearest center for each point; ties go to the smaller index. K must be > 0.
+@dataclass
+class _CandidateTable:
+    """Per grid cell, the centers that can be nearest to some point of the cell (see :func:`_build_table`)."""
 
-    ``py``/``px`` are float64. Distances are computed directly as ``(py-cy)^2 + (px-cx)^2`` in float64, so
-    the argmin equals that of a float64 reference bit for bit.
+    cell_size: int
+    ny: int  # cells -1 .. ny - 2 along y (one cell of margin around the image)
+    nx: int
+    counts: Tensor  # [cells] number of candidates
+    index: Tensor  # [cells, width] candidate center indices, ascending, padded
+    y: Tensor  # [cells, width] float64 candidate coordinates, +inf padding (never nearest)
+    x: Tensor
+    cy: Tensor  # [K] float64 all centers, for points off the grid
+    cx: Tensor
 
-    Pruning: the plane around the image is cut into square cells of side ``cell_size`` (a power of two,
-    so that a point's cell is exact). For a cell B let U = min over centers of the largest distance from
-    the center to B. A center whose smallest distance to B exceeds U is farther than that center from
-    every point of B, so it can never be nearest (nor tie) there. The inequalities survive float rounding
-    because rounding is monotone and the cell bounds and centers are integers. Points outside the grid
-    (wild offsets) are compared with all centers.
+
+def _build_table(centers: Tensor, height: int, width: int, cell_size: int | None = None) -> _CandidateTable:
+    """Candidate centers per square cell of side ``cell_size`` (a power of two, so a point's cell is exact).
+
+    For a cell B let U = min over centers of the largest distance from the center to B. A center whose
+    smallest distance to B exceeds U is farther than that center from every point of B, so it can never be
+    nearest there, nor tie. The inequalities survive float rounding: rounding is monotone, and the cell
+    bounds and centers are integers, exact in float64.
     """
     num_centers = centers.shape[0]
-    device = py.device
-    labels = torch.empty(py.shape[0], dtype=torch.long, device=device)
-    cy_all = centers[:, 0].double()
-    cx_all = centers[:, 1].double()
+    device = centers.device
+    cy = centers[:, 0].double()
+    cx = centers[:, 1].double()
     if cell_size is None:
         # About half the mean spacing of the centers: few candidates per cell, few cells.
         spacing = math.sqrt(height * width / num_centers)
         cell_size = 1 << max(2, min(9, round(math.log2(max(spacing / 2, 1.0)))))
-    # Cells -1 .. n: one cell of margin around the image for offsets pointing slightly outside.
     ny = -(-height // cell_size) + 2
     nx = -(-width // cell_size) + 2
-    cell_y = torch.floor(py / cell_size)
-    cell_x = torch.floor(px / cell_size)
-    inside = (cell_y >= -1) & (cell_y < ny - 1) & (cell_x >= -1) & (cell_x < nx - 1)
 
-    # Candidate table [cells, max candidates], candidates in ascending center index, padded with +inf
-    # coordinates (never nearest: every cell has at least one real candidate).
-    y0 = (torch.arange(ny, device=device, dtype=torch.float64) - 1) * cell_size
-    x0 = (torch.arange(nx, device=device, dtype=torch.float64) - 1) * cell_size
-    dy_min = (y0[:, None] - cy_all).clamp(min=0) + (cy_all - (y0[:, None] + cell_size)).clamp(min=0)
-    dx_min = (x0[:, None] - cx_all).clamp(min=0) + (cx_all - (x0[:, None] + cell_size)).clamp(min=0)
-    dy_max = torch.maximum((y0[:, None] - cy_all).abs(), (y0[:, None] + cell_size - cy_all).abs())
-    dx_max = torch.maximum((x0[:, None] - cx_all).abs(), (x0[:, None] + cell_size - cx_all).abs())
-    d_min = (dy_min * dy_min)[:, None, :] + (dx_min * dx_min)[None, :, :]  # [ny, nx, K]
-    d_max = (dy_max * dy_max)[:, None, :] + (dx_max * dx_max)[None, :, :]
-    is_cand = (d_min <= d_max.amin(dim=2, keepdim=True)).reshape(ny * nx, num_centers)
+    def axis_bounds(n: int, c: Tensor) -> tuple[Tensor, Tensor]:
+        low = (torch.arange(n, device=device, dtype=torch.float64)[:, None] - 1) * cell_size
+        high = low + cell_size
+        near = (low - c).clamp(min=0) + (c - high).clamp(min=0)
+        far = torch.maximum((low - c).abs(), (high - c).abs())
+        return near * near, far * far  # [n, K] squared per-axis distances
+
+    near_y, far_y = axis_bounds(ny, cy)
+    near_x, far_x = axis_bounds(nx, cx)
+    d_min = near_y[:, None, :] + near_x[None, :, :]  # [ny, nx, K]
+    bound = (far_y[:, None, :] + far_x[None, :, :]).amin(dim=2, keepdim=True)
+    is_cand = (d_min <= bound).reshape(ny * nx, num_centers)
     counts = is_cand.sum(dim=1)
-    width_table = int(counts.max())
-    order = torch.sort((~is_cand).to(torch.uint8), dim=1, stable=True).indices[:, :width_table]
-    valid = torch.arange(width_table, device=device) < counts[:, None]
+    table_width = int(counts.max())
+    index = torch.sort((~is_cand).to(torch.uint8), dim=1, stable=True).indices[:, :table_width].contiguous()
+    valid = torch.arange(table_width, device=device) < counts[:, None]
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
-    table_idx = order.contiguous()
-    table_y = torch.where(valid, cy_all[order], inf)
-    table_x = torch.where(valid, cx_all[order], inf)
+    return _CandidateTable(
+        cell_size, ny, nx, counts, index, torch.where(valid, cy[index], inf), torch.where(valid, cx[index], inf), cy, cx
+    )
 
-    # Thing pixels come in row-major order, so a chunk covers a band of rows and its own maximum candidate
-    # count is usually well under the global one.
-    in_idx = inside.nonzero().squeeze(1)
-    cell = ((cell_y[in_idx].long() + 1) * nx + (cell_x[in_idx].long() + 1)) if in_idx.numel() else in_idx
-    chunk = max(1, _CHUNK_ELEMENTS // width_table)
-    for start in range(0, in_idx.numel(), chunk):
-        c = cell[start : start + chunk]
-        idx = in_idx[start : start + chunk]
-        m = int(counts[c].max())
-        ddy = table_y[:, :m].index_select(0, c).neg_().add_(py.index_select(0, idx)[:, None])
-        ddx = table_x[:, :m].index_select(0, c).neg_().add_(px.index_select(0, idx)[:, None])
-        dist = ddy.mul_(ddy).add_(ddx.mul_(ddx))  # (py - cy)^2 + (px - cx)^2, same rounding as written out
-        best = dist.argmin(dim=1)  # first minimum: candidates are ascending, so the smaller center index
-        labels[idx] = table_idx.view(-1).index_select(0, c * width_table + best)
 
-    out_idx = (~inside).nonzero().squeeze(1)
-    chunk = max(1, _CHUNK_ELEMENTS // num_centers)
-    for start in range(0, out_idx.numel(), chunk):
-        idx = out_idx[start : start + chunk]
-        ddy = py[idx, None] - cy_all
-        ddx = px[idx, None] - cx_all
-        labels[idx] = (ddy * ddy + ddx * ddx).argmin(dim=1)
+def _search(py: Tensor, px: Tensor, table: _CandidateTable) -> Tensor:
+    """Nearest center index (ties to the smaller) of points ``py``/``px`` (float64), via the table.
+
+    Distances are computed as written, ``(py - cy)^2 + (px - cx)^2`` in float64, so the argmin equals a
+    float64 full-distance reference bit for bit. Points off the grid (wild offsets) see all centers.
+    """
+    cell_y = torch.div(py, table.cell_size).floor_()  # exact: the cell size is a power of two
+    cell_x = torch.div(px, table.cell_size).floor_()
+    inside = (cell_y >= -1) & (cell_y < table.ny - 1) & (cell_x >= -1) & (cell_x < table.nx - 1)
+    labels = torch.empty(py.shape[0], dtype=torch.long, device=py.device)
+    if bool(inside.all()):
+        idx = None
+    else:
+        idx = inside.nonzero().squeeze(1)
+        out = (~inside).nonzero().squeeze(1)
+        ddy = py[out, None] - table.cy
+        ddx = px[out, None] - table.cx
+        labels[out] = (ddy * ddy + ddx * ddx).argmin(dim=1)
+        py, px, cell_y, cell_x = py[idx], px[idx], cell_y[idx], cell_x[idx]
+    cell = cell_y.add_(1).mul_(table.nx).add_(cell_x).add_(1).long()  # small integers: exact in float64
+    # The chunk's own maximum candidate count, usually well under the table's width.
+    m = int(table.counts.index_select(0, cell).max()) if cell.numel() else 0
+    ddy = table.y[:, :m].index_select(0, cell).neg_().add_(py[:, None])
+    ddx = table.x[:, :m].index_select(0, cell).neg_().add_(px[:, None])
+    dist = ddy.mul_(ddy).add_(ddx.mul_(ddx))  # (py - cy)^2 + (px - cx)^2, the same roundings
+    best = dist.argmin(dim=1)  # first minimum: candidates are ascending, so the smaller center index
+    found = table.index.view(-1).index_select(0, cell * table.index.shape[1] + best)
+    if idx is None:
+        return found
+    labels[idx] = found
     return labels
 
 
+def _nearest_center(
+    py: Tensor, px: Tensor, centers: Tensor, height: int, width: int, cell_size: int | None = None
+) -> Tensor:
+    """Index (0..K-1, K > 0) of the nearest center of each float64 point, ties to the smaller index."""
+    table = _build_table(centers, height, width, cell_size)
+    chunk = max(4096, _CHUNK_ELEMENTS // table.index.shape[1])
+    return torch.cat([_search(py[i : i + chunk], px[i : i + chunk], table) for i in range(0, py.shape[0], chunk)])
+
+
 def _group_flat(thing_idx: Tensor, centers: Tensor, offset: Tensor) -> Tensor:
-    """Class-agnostic instance id (1..K, or 0 when no center) of the flat thing pixels ``thing_idx``."""
+    """Class-agnostic instance id (1..K, or 0 when no center) of the flat thing pixels ``thing_idx``.
+
+    Everything but the result is computed per chunk of pixels, so temporary memory stays bounded.
+    """
     if centers.shape[0] == 0:
         return torch.zeros_like(thing_idx)
     height, width = offset.shape[1:]
-    # SPEC §9.2: offsets are (dy, dx) from the pixel to its center; the predicted center is pixel + offset.
-    py = (thing_idx // width).double() + offset[0].reshape(-1).index_select(0, thing_idx).double()
-    px = (thing_idx % width).double() + offset[1].reshape(-1).index_select(0, thing_idx).double()
-    if not (torch.isfinite(py).all() and torch.isfinite(px).all()):
-        raise ValueError("offset contains non-finite values (nan/inf) at thing pixels")
-    return _nearest_center(py, px, centers, height, width) + 1
+    table = _build_table(centers, height, width)
+    labels = torch.empty_like(thing_idx)
+    flat_dy = offset[0].reshape(-1)
+    flat_dx = offset[1].reshape(-1)
+    chunk = max(4096, _CHUNK_ELEMENTS // table.index.shape[1])
+    for start in range(0, thing_idx.numel(), chunk):
+        idx = thing_idx[start : start + chunk]
+        # SPEC §9.2: offsets are (dy, dx) from the pixel to its center; predicted center = pixel + offset.
+        py = (idx // width).double().add_(flat_dy.index_select(0, idx).double())
+        px = (idx % width).double().add_(flat_dx.index_select(0, idx).double())
+        if not bool(torch.isfinite(py).all() & torch.isfinite(px).all()):
+            raise ValueError("offset contains non-finite values (nan/inf) at thing pixels")
+        labels[start : start + chunk] = _search(py, px, table).add_(1)
+    return labels
 
 
 def group_pixels(thing_mask: Tensor, centers: Tensor | Sequence[Tensor], offset: Tensor) -> Tensor:
@@ -293,8 +326,9 @@ def _merge_flat(
             f"of {num_classes} classes with label_divisor={label_divisor}"
         )
     device = semantic_flat.device
-    classes_at = semantic_flat[thing_idx]
-    votes = torch.bincount(instance_ids * num_classes + classes_at, minlength=(num_centers + 1) * num_classes)
+    key = semantic_flat.index_select(0, thing_idx).add_(instance_ids * num_classes)  # (instance, class) pairs
+    votes = torch.bincount(key, minlength=(num_centers + 1) * num_classes)
+    del key
     votes = votes.view(num_centers + 1, num_classes)[1:]
     areas = votes.sum(dim=1)
     majority = votes.argmax(dim=1)  # first maximum: ties go to the smaller class id
@@ -352,7 +386,9 @@ def merge_semantic_and_instance(
     if semantic.numel() and int(semantic.min()) < 0:
         raise ValueError("semantic contains negative class ids")
     thing_list = torch.as_tensor(thing_ids, dtype=torch.long).reshape(-1)
-    num_classes = max(int(semantic.max()) + 1 if semantic.numel() else 1, int(thing_list.max()) + 1 if thing_list.numel() else 1)
+    num_classes = 1 + max(
+        int(semantic.max()) if semantic.numel() else 0, int(thing_list.max()) if thing_list.numel() else 0
+    )
     is_thing = _thing_lookup(thing_list, num_classes, semantic.device)
     semantic_flat = semantic.reshape(-1).long()
     thing_idx = is_thing[semantic_flat].nonzero().squeeze(1)
@@ -376,6 +412,8 @@ def _instance_scores_boxes(
     num_classes, _, width = logits.shape
     num_centers = center_scores.numel()
     device = logits.device
+    if merged.classes.numel() == 0:
+        return torch.zeros(0, device=device), torch.zeros(0, 4, device=device)
     class_of_instance = torch.zeros(num_centers + 1, dtype=torch.long, device=device)
     class_of_instance[merged.center_index + 1] = merged.classes
     prob_sum = torch.zeros(num_centers + 1, dtype=torch.float64, device=device)
