@@ -50,6 +50,7 @@ def test_loss_falls_and_run_outputs(make_cfg, tmp_path: Path) -> None:
     assert load_config(str(out / "config.yaml")) == cfg
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "metrics.jsonl").read_text().count('"type": "train"') == 18
+    assert (out / "eval" / "eval_0000018.json").is_file()
     # periodic evaluation: PQ and mIoU; the first evaluation is the best so far
     (evaluation,) = result.evaluations
     assert 0.0 <= evaluation["PQ"] <= 1.0 and 0.0 <= evaluation["mIoU"] <= 1.0

@@ -303,69 +303,32 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """PQ (and mIoU) of the current weights on the val split; computed by rank 0, sent to all ranks."""
-        metrics = self._evaluate_main() if self.is_main else None
+        """PQ, mIoU and mask AP of the current weights on the val split; computed by rank 0 (which also writes
+        the full report to ``output_dir/eval/eval_<iteration>.json``), the summary sent to every rank."""
+        from panoptic_deeplab.evaluation.evaluator import evaluate_in_memory
+
+        metrics = None
+        if self.is_main:
+            report = evaluate_in_memory(unwrap_model(self.model), self.cfg, self.train_loader.dataset.meta)
+            report.save_json(self.output_dir / "eval" / f"eval_{self.iteration:07d}.json")
+            metrics = {"iteration": self.iteration, **report.summary()}
         return broadcast_object(metrics, self.dist)
-
-    def _evaluate_main(self) -> dict[str, Any]:
-        from panoptic_deeplab.data.dataset import build_eval_loader
-        from panoptic_deeplab.evaluation import PanopticEvaluator, SemanticEvaluator
-        from panoptic_deeplab.inference.postprocess import panoptic_postprocess
-
-        loader = build_eval_loader(self.cfg, split="val")
-        meta = loader.dataset.meta
-        model = unwrap_model(self.model)
-        model.eval()
-        evaluator = PanopticEvaluator(meta)
-        semantic_eval = SemanticEvaluator(meta.num_classes, meta.ignore_label, meta.class_names)
-        # Creating the iterator draws a seed from the global torch RNG (the eval loader has no generator of
-        # its own); fork it so that evaluating does not change the training run's random stream.
-        with torch.random.fork_rng(devices=[]):
-            batches = iter(loader)
-        try:
-            for batch in batches:
-                with _autocast(self.cfg.solver.amp, self.device):
-                    out = model(batch["image"].to(self.device))
-                out = {k: v.float() for k, v in out.items()}
-                preds = panoptic_postprocess(
-                    out["semantic"], out["center"], out["offset"], meta.thing_train_ids, self.cfg.postprocess,
-                    label_divisor=meta.label_divisor, void_label=meta.void_label,
-                )
-                for gt, pred, size, image_id in zip(batch["label_map"], preds, batch["orig_size"], batch["image_id"]):
-                    h, w = int(size[0]), int(size[1])  # drop the padding of eval_collate
-                    gt = gt[:h, :w]
-                    evaluator.update(gt, pred.label_map[:h, :w].cpu(), image_id)
-                    semantic_eval.update(gt // meta.label_divisor, pred.semantic[:h, :w].cpu())
-        finally:
-            model.train()
-        report = evaluator.compute()
-        metrics: dict[str, Any] = {
-            "iteration": self.iteration,
-            "PQ": report.all.pq,
-            "PQ_things": report.things.pq,
-            "PQ_stuff": report.stuff.pq,
-            "SQ": report.all.sq,
-            "RQ": report.all.rq,
-            "mIoU": semantic_eval.compute().miou,
-        }
-        return metrics
 
     def _run_evaluation(self) -> None:
         metrics = self.evaluate()
         self.evaluations.append(metrics)
         if self.is_main:
             logger.info(
-                "iteration %d: PQ %.2f (things %.2f, stuff %.2f)%s",
+                "iteration %d: PQ %.2f (things %.2f, stuff %.2f), mIoU %.2f",
                 self.iteration,
                 100 * metrics["PQ"],
                 100 * metrics["PQ_things"],
                 100 * metrics["PQ_stuff"],
-                f", mIoU {100 * metrics['mIoU']:.2f}",
+                100 * metrics["mIoU"],
             )
             for key, value in metrics.items():
-                if key != "iteration":
+                if key != "iteration" and value is not None:  # AP is None without thing ground truth
                     self.writer.add_scalar(f"val/{key}", value, self.iteration)
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"type": "eval", **metrics}) + "\n")
