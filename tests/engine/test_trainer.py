@@ -16,6 +16,7 @@ import torch
 from panoptic_deeplab.cli import main as cli_main
 from panoptic_deeplab.config import load_config
 from panoptic_deeplab.data.coco_panoptic import DatasetError
+from panoptic_deeplab.inference.predictor import Predictor
 from panoptic_deeplab.engine import Trainer, TrainingDivergedError, load_checkpoint, poly_lr_factor, train
 from panoptic_deeplab.engine.trainer import state_dict_digest
 from panoptic_deeplab.modeling.losses import PanopticDeepLabLoss
@@ -61,7 +62,10 @@ def test_loss_falls_and_run_outputs(make_cfg, tmp_path: Path) -> None:
     final = load_checkpoint(out / "model_0000018.pt")
     assert state_dict_digest(final["model"]) == result.weights_digest
     assert final["iteration"] == 18 and final["config"]["solver"]["max_iter"] == 18
-    assert {"optimizer", "scheduler", "scaler", "rng", "best_metric"} <= set(final)
+    assert {"optimizer", "scheduler", "scaler", "rng", "best_metric", "meta"} <= set(final)
+    # the checkpoint alone is enough to predict: categories travel with it
+    predictor = Predictor.from_checkpoint(out / "model_0000018.pt", device="cpu")
+    assert predictor.meta.to_json() == final["meta"]
     assert sorted(p.name for p in out.glob("model_*.pt")) == ["model_0000009.pt", "model_0000018.pt"]
 
 

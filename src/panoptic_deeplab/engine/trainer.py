@@ -215,6 +215,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "iteration": self.iteration,
             "config": config_to_dict(self.cfg),
+            # categories, so that a checkpoint alone is enough to predict (names, thing ids, colors)
+            "meta": self.train_loader.dataset.meta.to_json(),
             "rng": rng,
             "best_metric": self.best_metric,
             "best_iteration": self.best_iteration,
