@@ -6,6 +6,8 @@ Pure numpy + PIL. Every function takes numpy arrays or torch tensors and returns
 from __future__ import annotations
 
 import colorsys
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -287,3 +289,22 @@ def offset_field_image(offset: Any, max_magnitude: float | None = None, key: boo
         ring = (np.hypot(yy, xx) > radius - 1) & inside
         region[ring] = 255
     return Image.fromarray(rgb, mode="RGB")
+
+
+def save_pictures(image: Any, result: Any, meta: DatasetMeta, out_dir: str | os.PathLike[str], stem: str) -> list[Path]:
+    """Write ``stem_overlay.png``, ``stem_center.png`` and ``stem_offset.png`` of a ``PanopticResult``.
+
+    Returns the paths written, in that order."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = {
+        "overlay": overlay_panoptic(image, result.label_map, meta),
+        "center": center_heatmap_image(result.center, centers=result.centers.tolist()),
+        "offset": offset_field_image(result.offset),
+    }
+    paths = []
+    for kind, picture in pictures.items():
+        path = out / f"{stem}_{kind}.png"
+        picture.save(path)
+        paths.append(path)
+    return paths
