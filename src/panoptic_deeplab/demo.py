@@ -55,6 +55,8 @@ def _demo_config(options: DemoOptions, data_root: Path, run_dir: Path) -> Config
         f"data.val.panoptic={data_root / 'val' / 'panoptic'}",
         f"train.output_dir={run_dir}",
         f"train.seed={options.seed}",
+        # the demo evaluates the final model itself, with the full report: no periodic evaluation
+        "train.eval_period=0",
     ]
     if options.iterations is not None:
         overrides.append(f"solver.max_iter={options.iterations}")

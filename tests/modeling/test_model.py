@@ -35,18 +35,19 @@ def test_every_preset_every_size_on_meta(backbone: str) -> None:
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONE_PRESETS))
-def test_every_preset_computes(backbone: str) -> None:
-    model = build_model(ModelConfig(backbone=backbone, pretrained=False, num_classes=7)).eval()
+def test_every_preset_computes(tiny_config, backbone: str) -> None:
+    # narrow decoders keep this quick; the full widths are checked on meta above
+    model = build_model(tiny_config(backbone=backbone)).eval()
     with torch.no_grad():
         out = model(torch.rand(2, 3, 35, 46))
-    _check_outputs(out, 2, 7, (35, 46))
+    _check_outputs(out, 2, 5, (35, 46))
     assert all(torch.isfinite(v).all() for v in out.values())
 
 
 def test_mobilenet_every_size_computes(tiny_config) -> None:
     model = build_model(tiny_config()).eval()
     for size in SIZES + [(64, 64), (65, 97), (100, 37)]:
-        batch = 1 if size == (1025, 2049) else 2  # batch 2 at full size is covered on meta / heavy
+        batch = 1 if size in SIZES[:3] else 2  # batch 2 at large sizes: on meta above, and `heavy`
         with torch.no_grad():
             out = model(torch.rand(batch, 3, *size))
         _check_outputs(out, batch, 5, size)
@@ -95,7 +96,7 @@ def test_forward_normalises_rgb_in_unit_range(tiny_config) -> None:
 
 def test_eval_is_deterministic(tiny_config) -> None:
     model = build_model(tiny_config()).eval()
-    images = torch.rand(2, 3, 65, 97)
+    images = torch.rand(2, 3, 33, 47)
     with torch.no_grad():
         first, second = model(images), model(images)
     for key in first:

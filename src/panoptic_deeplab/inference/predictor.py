@@ -77,7 +77,8 @@ def image_to_tensor(image: ImageInput) -> Tensor:
                 f"a numpy image must be uint8 (0..255), got dtype {image.dtype}; "
                 "pass float images as a [3, H, W] tensor in [0, 1]"
             )
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        # torch.tensor copies: the caller's array may be read-only (e.g. decoded by PIL)
+        tensor = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)
     elif isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"a tensor image must be [3, H, W], got shape {tuple(image.shape)}")
