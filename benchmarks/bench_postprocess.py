@@ -13,6 +13,13 @@ touched during the call, outputs included. (tracemalloc cannot see torch's alloc
 median of repeated calls in the same subprocess (after the one measured for memory), with
 ``torch.set_num_threads(--threads)``; process CPU time (all threads) is printed too, since the wall time
 suffers when other processes share the cores.
+
+OpenMP wait policy: by default OpenMP threads spin at the end of each parallel region. When other
+processes keep the cores busy, a spinning thread waits for a descheduled partner at every one of the few
+hundred parallel ops of a call, and a 0.2 s call was seen to take 10-25 s. The measured processes
+therefore run with ``OMP_WAIT_POLICY=PASSIVE`` (both methods alike); on dedicated cores the policy makes
+little difference (a futex wake instead of a spin per region). ``--omp-wait-policy default`` measures
+without it.
 """
 
 from __future__ import annotations
@@ -161,10 +168,13 @@ def worker(method: str, path: str, repeat: int, threads: int, out_path: str) -> 
     print(json.dumps({"times": times, "cpu_times": cpu_times, "extra_mib": extra_mib}))
 
 
-def measure(method: str, path: str, repeat: int, threads: int, out_path: str) -> dict:
+def measure(method: str, path: str, repeat: int, threads: int, out_path: str, wait_policy: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, path, "--repeat", str(repeat)]
     cmd += ["--threads", str(threads), "--out", out_path]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = dict(os.environ)
+    if wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = wait_policy  # read by OpenMP when torch loads: set before the process starts
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -176,6 +186,12 @@ def main() -> None:
     parser.add_argument("--naive-repeat", type=int, default=3, help="timed calls of the naive version")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=("PASSIVE", "ACTIVE", "default"),
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of the measured processes (see the module docstring)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "INPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +200,10 @@ def main() -> None:
         return
 
     height, width = args.size
-    print(f"post-processing {height}x{width}, {args.threads} torch threads, fresh subprocess per method")
+    print(
+        f"post-processing {height}x{width}, {args.threads} torch threads, OMP_WAIT_POLICY={args.omp_wait_policy}, "
+        "fresh subprocess per method"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for num_centers in args.centers:
             inputs = synthesize(height, width, num_centers, args.seed)
@@ -193,7 +212,7 @@ def main() -> None:
             results = {}
             for method, repeat in (("ours", args.repeat), ("naive", args.naive_repeat)):
                 out = os.path.join(tmp, f"{method}_{num_centers}.pt")
-                results[method] = measure(method, path, repeat, args.threads, out)
+                results[method] = measure(method, path, repeat, args.threads, out, args.omp_wait_policy)
                 results[method]["label_map"] = torch.load(out)
             detected = panoptic_postprocess(
                 inputs["semantic_logits"], inputs["center"], inputs["offset"], THING_IDS

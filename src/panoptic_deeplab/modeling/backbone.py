@@ -197,7 +197,11 @@ def create_timm_features(
             with _hub_offline(offline):
                 return timm.create_model(preset.timm_name, pretrained=True, **kwargs)
         except (OSError, RuntimeError) as exc:
-            where = "the Hugging Face hub is unreachable and they are not in the local cache" if offline else str(exc)
+            where = (
+                "the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set) and they are not in the local cache"
+                if offline
+                else str(exc)
+            )
             raise RuntimeError(
                 f"cannot load timm's ImageNet weights for backbone {name!r} (timm model "
                 f"{preset.timm_name!r}): {where}. Pass backbone_weights=PATH (a .pth or .safetensors state "
