@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
+
+from panoptic_deeplab.atomic import write_text_atomic
 
 
 @dataclass
@@ -440,20 +441,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write ``cfg`` as YAML atomically (temporary file + rename); ``load_config(path) == cfg``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
 
 
 _CHOICES: dict[str, tuple[Any, ...]] = {

@@ -67,7 +67,6 @@ def test_coco_ap_agrees_with_pycocotools_directly():
     for image_id in (1, 2, 3):
         gt = np.zeros(shape, np.int64)
         gt[30:, :] = VOID_LABEL
-        boxes = []
         for k in range(1, 5):
             y, x = rng.integers(0, 25), rng.integers(0, 35)
             h, w = rng.integers(5, 14), rng.integers(5, 14)

@@ -13,17 +13,16 @@ See docs/ARCHITECTURE.md for the label-map representation shared by every stage.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+
+from panoptic_deeplab.atomic import write_atomic
 
 LABEL_DIVISOR = 1000
 IGNORE_LABEL = 255
@@ -362,24 +361,6 @@ def load_panoptic_json(path: str | os.PathLike[str]) -> PanopticDataset:
         meta=meta,
         extra={k: v for k, v in raw.items() if k not in ("images", "annotations", "categories")},
     )
-
-
-def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through ``write(fileobj)`` into a temporary sibling, then ``os.replace`` it.
-
-    Readers never see a half-written file, and an interrupted run leaves the old file (or none).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def save_panoptic_json(path: str | os.PathLike[str], dataset: PanopticDataset) -> None:

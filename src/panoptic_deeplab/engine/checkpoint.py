@@ -22,12 +22,13 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from panoptic_deeplab.atomic import write_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pt$")
 BEST_NAME = "best.pt"
@@ -42,41 +43,13 @@ def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pt"
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable; some platforms (Windows) cannot open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` so that a crash leaves either the old file or the complete new one.
 
     Writes a temporary file in the same directory (same file system, so the rename is atomic),
     flushes and fsyncs it, ``os.replace``s it over ``path`` and fsyncs the directory.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
