@@ -338,7 +338,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the main job on the built-in synthetic dataset: data, training, evaluation, pictures",
         description="Write the synthetic train/val splits, train the CPU preset, evaluate it on val (PQ/SQ/RQ, "
-        "mIoU, AP), draw a few predictions and print where everything is. About 10 minutes on 2 CPU cores "
+        "mIoU, AP), draw a few predictions and print where everything is. About 7 minutes on 2 CPU cores "
         "with the defaults; --iterations and the image counts make it shorter or longer. "
         "Exit status: 0 done, 1 training diverged, 2 unusable options.",
     )
@@ -347,7 +347,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=None, help="training iterations (default: the preset's)")
     p.add_argument("--train-images", type=int, default=300, help="synthetic training images (default 300)")
     p.add_argument("--val-images", type=int, default=50, help="synthetic validation images (default 50)")
-    p.add_argument("--size", type=_parse_size, default=(256, 512), help="synthetic image size HxW (default 256x512)")
+    p.add_argument("--size", type=_parse_size, default=(128, 256), help="synthetic image size HxW (default 128x256)")
     p.add_argument("--pictures", type=int, default=4, help="val images to draw (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

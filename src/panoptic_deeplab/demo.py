@@ -27,7 +27,7 @@ class DemoOptions:
     preset: str = "synthetic_mnv3"
     train_images: int = 300
     val_images: int = 50
-    image_size: tuple[int, int] = (256, 512)
+    image_size: tuple[int, int] = (128, 256)
     iterations: int | None = None  # None: the preset's solver.max_iter
     num_pictures: int = 4
     seed: int = 0

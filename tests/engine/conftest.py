@@ -10,40 +10,21 @@ import pytest
 
 from panoptic_deeplab.config import Config, load_config
 from panoptic_deeplab.data.synthetic import make_synthetic_dataset
+from tiny_setup import TINY_MODEL_OVERRIDES, synthetic_data_overrides
+
 
 IMAGE_SIZE = (64, 128)
 
 
-def data_overrides(root: Path) -> list[str]:
-    return [
-        f"data.train.images={root}/train/images",
-        f"data.train.json={root}/train/panoptic_train.json",
-        f"data.train.panoptic={root}/train/panoptic",
-        f"data.val.images={root}/val/images",
-        f"data.val.json={root}/val/panoptic_val.json",
-        f"data.val.panoptic={root}/val/panoptic",
-    ]
-
-
 # A model small enough for a few dozen CPU steps in a test: timm's smallest MobileNetV3, narrow decoders.
 TINY_OVERRIDES = [
-    "model.backbone=mobilenetv3_small_050",
-    "model.pretrained=false",
-    "model.aspp_channels=16",
-    "model.semantic_decoder_channels=16",
-    "model.semantic_low_level_channels=[8,8]",
-    "model.semantic_head_channels=16",
-    "model.instance_decoder_channels=16",
-    "model.instance_low_level_channels=[8,8]",
-    "model.instance_head_channels=8",
+    *TINY_MODEL_OVERRIDES,
     "data.crop_size=[65,129]",
     "data.batch_size=2",
-    "data.num_workers=0",
     "targets.small_instance_area=64",
     "postprocess.stuff_area=32",
     "train.log_period=1",
     "train.eval_period=0",
-    "train.device=cpu",
 ]
 
 
@@ -59,7 +40,7 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_overrides(synthetic_root: Path) -> list[str]:
     """``key=value`` overrides of the synthetic preset: the tiny dataset and the tiny model."""
-    return [*data_overrides(synthetic_root), *TINY_OVERRIDES]
+    return [*synthetic_data_overrides(synthetic_root), *TINY_OVERRIDES]
 
 
 @pytest.fixture
@@ -70,7 +51,7 @@ def make_cfg(synthetic_root: Path, tmp_path: Path) -> Callable[..., Config]:
         root = data_root or synthetic_root
         return load_config(
             "synthetic_mnv3",
-            [*data_overrides(root), *TINY_OVERRIDES, f"train.output_dir={tmp_path / 'run'}", *overrides],
+            [*synthetic_data_overrides(root), *TINY_OVERRIDES, f"train.output_dir={tmp_path / 'run'}", *overrides],
         )
 
     return make

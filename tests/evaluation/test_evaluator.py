@@ -16,6 +16,7 @@ from panoptic_deeplab.config import Config, config_to_dict, load_config
 from panoptic_deeplab.data.coco_panoptic import DatasetMeta
 from panoptic_deeplab.data.dataset import PanopticDataset, build_eval_loader
 from panoptic_deeplab.data.synthetic import make_synthetic_dataset, synthetic_meta
+from tiny_setup import TINY_MODEL_OVERRIDES, synthetic_data_overrides
 from panoptic_deeplab.data.targets import generate_targets
 from panoptic_deeplab.data.transforms import TrainTransform
 from panoptic_deeplab.engine.checkpoint import atomic_torch_save
@@ -34,19 +35,6 @@ from panoptic_deeplab.modeling import build_model
 IMAGE_SIZE = (64, 128)
 NUM_IMAGES = 3
 
-TINY_MODEL = [
-    "model.backbone=mobilenetv3_small_050",
-    "model.pretrained=false",
-    "model.aspp_channels=16",
-    "model.semantic_decoder_channels=16",
-    "model.semantic_low_level_channels=[8,8]",
-    "model.semantic_head_channels=16",
-    "model.instance_decoder_channels=16",
-    "model.instance_low_level_channels=[8,8]",
-    "model.instance_head_channels=8",
-    "data.num_workers=0",
-    "train.device=cpu",
-]
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +44,9 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def data_overrides(root: Path) -> list[str]:
-    return [
-        f"data.val.images={root}/val/images",
-        f"data.val.json={root}/val/panoptic_val.json",
-        f"data.val.panoptic={root}/val/panoptic",
-    ]
-
-
 @pytest.fixture(scope="module")
 def cfg(data_root: Path) -> Config:
-    return load_config("synthetic_mnv3", [*data_overrides(data_root), *TINY_MODEL, "postprocess.stuff_area=0"])
+    return load_config("synthetic_mnv3", [*synthetic_data_overrides(data_root), *TINY_MODEL_OVERRIDES, "postprocess.stuff_area=0"])
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +249,7 @@ def test_cli_checkpoint_form_config_and_overrides(checkpoint: Path, data_root: P
     out = tmp_path / "report.json"
     args = ["evaluate", "--checkpoint", str(checkpoint), "--config", "synthetic_mnv3", "--device", "cpu",
             "--max-images", "2", "--no-progress", "--output", str(out),
-            *data_overrides(data_root), *TINY_MODEL, "postprocess.stuff_area=16"]
+            *synthetic_data_overrides(data_root), *TINY_MODEL_OVERRIDES, "postprocess.stuff_area=16"]
     assert main(args) == 0
     assert json.loads(out.read_text())["num_images"] == 2
 
