@@ -1,30 +1,17 @@
-"""Shared helpers for the network tests: small configurations and the opt-in `heavy` marker."""
+"""Shared helpers for the network tests: small configurations and the `heavy` marker."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 
 from panoptic_deeplab.config import ModelConfig
 
-HEAVY_ENV = "PANOPTIC_DEEPLAB_HEAVY_TESTS"
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", f"heavy: full-size forward passes of every backbone; run with {HEAVY_ENV}=1"
+        "markers", "heavy: full-size forward passes of every backbone (minutes); -m 'not heavy' skips them"
     )
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get(HEAVY_ENV) == "1":
-        return
-    skip = pytest.mark.skip(reason=f"heavy test: set {HEAVY_ENV}=1 to run")
-    for item in items:
-        if "heavy" in item.keywords:
-            item.add_marker(skip)
 
 
 def _tiny_config(**overrides) -> ModelConfig:

@@ -47,7 +47,7 @@ def test_every_preset_computes(tiny_config, backbone: str) -> None:
 def test_mobilenet_every_size_computes(tiny_config) -> None:
     model = build_model(tiny_config()).eval()
     for size in SIZES + [(64, 64), (65, 97), (100, 37)]:
-        batch = 1 if size in SIZES[:3] else 2  # batch 2 at large sizes: on meta above, and `heavy`
+        batch = 1 if size in SIZES[:3] else 2  # batch 2 at large sizes: in the `heavy` matrix
         with torch.no_grad():
             out = model(torch.rand(batch, 3, *size))
         _check_outputs(out, batch, 5, size)
