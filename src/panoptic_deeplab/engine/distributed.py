@@ -64,21 +64,21 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+def resolve_device(preference: str | torch.device, local_rank: int = 0) -> torch.device:
     """``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``"cuda"`` -> ``cuda:LOCAL_RANK``;
-    an explicit ``"cuda:K"`` or ``"cpu"`` is used as given."""
+    an explicit ``"cuda:K"``, ``"cpu"`` or ``torch.device`` is used as given (checked)."""
+    if isinstance(preference, torch.device):
+        return preference
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but CUDA is not available")
-        return torch.device("cuda", local_rank)
     try:
         device = torch.device(preference)
     except RuntimeError:
-        raise ValueError(f"train.device={preference!r} is not a device (use auto, cpu, cuda or cuda:K)") from None
+        raise ValueError(f"device {preference!r} is not a device (use auto, cpu, cuda or cuda:K)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={preference} but CUDA is not available")
+        raise ValueError(f"device {preference!r} was asked for but CUDA is not available")
+    if preference == "cuda":
+        return torch.device("cuda", local_rank)
     return device
 
 

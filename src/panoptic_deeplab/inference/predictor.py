@@ -36,26 +36,12 @@ from panoptic_deeplab.data.coco_panoptic import (
     write_panoptic_png,
 )
 from panoptic_deeplab.data.transforms import IMAGENET_MEAN, pad_to_size, valid_input_size
+from panoptic_deeplab.engine.distributed import resolve_device
 from panoptic_deeplab.inference.postprocess import PanopticPrediction, panoptic_postprocess
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as given (checked)."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} is not a device (use auto, cpu, cuda or cuda:K)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available")
-    return resolved
 
 
 def image_to_tensor(image: ImageInput) -> Tensor:
