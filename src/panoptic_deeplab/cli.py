@@ -301,7 +301,8 @@ def _run_evaluate_model(args: argparse.Namespace) -> int:
     from panoptic_deeplab.data.coco_panoptic import DatasetMeta
     from panoptic_deeplab.data.dataset import PanopticDataset
     from panoptic_deeplab.engine.checkpoint import CheckpointError, load_checkpoint
-    from panoptic_deeplab.evaluation.evaluator import evaluate_model, evaluation_config, predictor_from_checkpoint
+    from panoptic_deeplab.evaluation.evaluator import evaluate_model, evaluation_config
+    from panoptic_deeplab.inference.predictor import Predictor
 
     for name, value in (("--max-images", args.max_images), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
@@ -316,8 +317,8 @@ def _run_evaluate_model(args: argparse.Namespace) -> int:
     # The split's JSON gives the categories; a checkpoint's own list (when saved) must agree with it.
     dataset = PanopticDataset(getattr(cfg.data, args.split), transform=None, name=args.split)
     meta = DatasetMeta.from_json(checkpoint["meta"]) if "meta" in checkpoint else dataset.meta
-    predictor = predictor_from_checkpoint(
-        checkpoint, cfg, meta, args.checkpoint, device=args.device, tta_flip=args.tta_flip,
+    predictor = Predictor.from_checkpoint_state(
+        checkpoint, args.checkpoint, cfg, meta=meta, device=args.device, tta_flip=args.tta_flip,
         tta_scales=args.tta_scales, batch_size=args.batch_size or cfg.data.eval_batch_size,
     )
     report = evaluate_model(predictor, dataset, predictions_dir=args.predictions_dir, max_images=args.max_images,

@@ -11,7 +11,6 @@ being trained: it wraps the model in a predictor and gives the model back in the
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -296,42 +295,11 @@ def evaluation_config(
     return config_from_dict(raw, source=f"config of checkpoint {source}{with_overrides}")
 
 
-def predictor_from_checkpoint(
-    checkpoint: dict[str, Any],
-    cfg: Config,
-    meta: DatasetMeta,
-    source: str,
-    **kwargs: Any,
-) -> Predictor:
-    """A predictor for the weights of a loaded ``checkpoint`` with the model and post-processing of ``cfg``.
-
-    Unlike :meth:`Predictor.from_checkpoint`, the configuration may differ from the one saved in the checkpoint
-    (e.g. ``model.output_stride=8`` at inference, other post-processing thresholds) as long as the weights fit.
-    ``source`` names the checkpoint in errors; ``kwargs`` go to :class:`Predictor`.
-    """
-    from panoptic_deeplab.modeling import build_model
-
-    # The weights come from the checkpoint: never fetch or read ImageNet backbone weights.
-    model_cfg = dataclasses.replace(cfg.model, pretrained=False, backbone_weights=None)
-    if model_cfg.num_classes != meta.num_classes:
-        raise ValueError(
-            f"checkpoint {source}: model.num_classes is {model_cfg.num_classes} but the dataset has "
-            f"{meta.num_classes} categories"
-        )
-    model = build_model(model_cfg)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {source}: the weights do not fit the model of the config: {exc}") from None
-    return Predictor(model, (model_cfg, cfg.postprocess), meta, **kwargs)
-
-
 __all__ = [
     "EvaluationReport",
     "evaluate_in_memory",
     "evaluate_model",
     "evaluation_config",
-    "predictor_from_checkpoint",
     "PREDICTIONS_JSON",
     "PREDICTIONS_PNG_DIR",
 ]

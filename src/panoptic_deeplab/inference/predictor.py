@@ -9,6 +9,7 @@ JSON + PNG folder, committed atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -299,30 +300,55 @@ class Predictor:
         dataset's categories as a list of COCO category dicts) unless ``meta`` is given here.
         ``postprocess`` overrides the checkpoint's post-processing settings; ``kwargs`` go to ``__init__``.
         """
-        from panoptic_deeplab.config import config_from_dict
         from panoptic_deeplab.engine.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(path, map_location="cpu")
+        return cls.from_checkpoint_state(checkpoint, str(path), device=device, meta=meta, postprocess=postprocess,
+                                         **kwargs)
+
+    @classmethod
+    def from_checkpoint_state(
+        cls,
+        checkpoint: dict[str, Any],
+        source: str,
+        cfg: Config | None = None,
+        device: str | torch.device = "auto",
+        meta: DatasetMeta | None = None,
+        postprocess: PostProcessConfig | None = None,
+        **kwargs: Any,
+    ) -> "Predictor":
+        """:meth:`from_checkpoint` for a checkpoint already loaded; ``source`` names it in errors.
+
+        ``cfg`` replaces the config saved in the checkpoint (e.g. ``model.output_stride=8`` at inference,
+        other post-processing thresholds), as long as the weights fit its model.
+        """
+        from panoptic_deeplab.config import config_from_dict
         from panoptic_deeplab.modeling import build_model
 
-        ckpt = load_checkpoint(path, map_location="cpu")
-        if not isinstance(ckpt.get("config"), dict):
-            raise ValueError(f"checkpoint {path} has no 'config' entry: cannot tell which model to build")
-        cfg = config_from_dict(ckpt["config"], source=f"config of checkpoint {path}")
+        if cfg is None:
+            if not isinstance(checkpoint.get("config"), dict):
+                raise ValueError(f"checkpoint {source} has no 'config' entry: cannot tell which model to build")
+            cfg = config_from_dict(checkpoint["config"], source=f"config of checkpoint {source}")
         if meta is None:
-            if "meta" not in ckpt:
+            if "meta" not in checkpoint:
                 raise ValueError(
-                    f"checkpoint {path} has no 'meta' entry (the dataset's categories); pass meta= explicitly"
+                    f"checkpoint {source} has no 'meta' entry (the dataset's categories); pass meta= explicitly"
                 )
-            meta = DatasetMeta.from_json(ckpt["meta"])
+            meta = DatasetMeta.from_json(checkpoint["meta"])
         # The weights come from the checkpoint: never fetch or read ImageNet backbone weights.
-        cfg.model.pretrained = False
-        cfg.model.backbone_weights = None
-        model = build_model(cfg.model)
+        model_cfg = dataclasses.replace(cfg.model, pretrained=False, backbone_weights=None)
+        if model_cfg.num_classes != meta.num_classes:
+            raise ValueError(
+                f"checkpoint {source}: model.num_classes is {model_cfg.num_classes} but the dataset has "
+                f"{meta.num_classes} categories"
+            )
+        model = build_model(model_cfg)
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(checkpoint["model"])
         except RuntimeError as exc:
-            raise ValueError(f"checkpoint {path}: the weights do not fit the model of its config: {exc}") from None
+            raise ValueError(f"checkpoint {source}: the weights do not fit the model of its config: {exc}") from None
         post_cfg = postprocess if postprocess is not None else cfg.postprocess
-        return cls(model, (cfg.model, post_cfg), meta, device=device, **kwargs)
+        return cls(model, (model_cfg, post_cfg), meta, device=device, **kwargs)
 
     # ------------------------------------------------------------------ model runs
 
