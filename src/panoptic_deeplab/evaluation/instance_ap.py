@@ -65,6 +65,18 @@ def _none_if_nan(v: float) -> float | None:
     return None if np.isnan(v) else float(v)
 
 
+def _coco_entry(entry_id: int, image_id: int, category_id: int, rle: dict[str, Any]) -> dict[str, Any]:
+    """The fields a pycocotools annotation or detection shares: id, image, category, RLE, area, box."""
+    return {
+        "id": entry_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": rle,
+        "area": float(mask_utils.area(rle)),
+        "bbox": mask_utils.toBbox(rle).tolist(),
+    }
+
+
 class COCOInstanceEvaluator:
     """COCO mask AP (``COCOeval`` with ``iouType="segm"``): AP, AP50, AP75 and per-class AP.
 
@@ -96,18 +108,8 @@ class COCOInstanceEvaluator:
                 raise ValueError(f"{where} (ground truth): label {value} has a class outside 0..{self.meta.num_classes - 1}")
             if not self.meta.is_thing_train_id(train):
                 continue
-            rle = _encode(gt == value)
-            self._gt.append(
-                {
-                    "id": len(self._gt) + 1,
-                    "image_id": image_id,
-                    "category_id": self.meta.category_id(train),
-                    "segmentation": rle,
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": mask_utils.toBbox(rle).tolist(),
-                    "iscrowd": int(value % div == 0),
-                }
-            )
+            entry = _coco_entry(len(self._gt) + 1, image_id, self.meta.category_id(train), _encode(gt == value))
+            self._gt.append({**entry, "iscrowd": int(value % div == 0)})
         for inst in instances:
             cls, score = _check_instance(inst, self.meta, where)
             if "segmentation" in inst and "mask" not in inst:
@@ -116,18 +118,8 @@ class COCOInstanceEvaluator:
                     raise ValueError(f"{where}: instance RLE size {rle.get('size')} differs from {gt.shape}")
             else:
                 rle = _encode(_instance_mask(inst, gt.shape, where))
-            self._dt.append(
-                {
-                    "id": len(self._dt) + 1,
-                    "image_id": image_id,
-                    "category_id": self.meta.category_id(cls),
-                    "segmentation": rle,
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": mask_utils.toBbox(rle).tolist(),
-                    "score": score,
-                    "iscrowd": 0,
-                }
-            )
+            entry = _coco_entry(len(self._dt) + 1, image_id, self.meta.category_id(cls), rle)
+            self._dt.append({**entry, "score": score, "iscrowd": 0})
 
     def _coco(self, annotations: list[dict[str, Any]]) -> COCO:
         coco = COCO()
