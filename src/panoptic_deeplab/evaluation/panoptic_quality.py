@@ -2,8 +2,9 @@
 
 SPEC §0 / §6: PQ as panopticapi computes it. Per image, with gt / pred id maps and their segment lists:
 
-* every (gt segment, pred segment) overlap is counted in one vectorised pass (``np.unique`` over packed
-  ``gt_id * offset + pred_id`` pairs), together with the overlap of every prediction with void (gt id 0);
+* every (gt segment, pred segment) overlap is counted in one O(pixels) pass (ids mapped to compact segment
+  codes through a lookup table, then one ``np.bincount`` of the code pairs), together with the overlap of every
+  prediction with void (gt id 0);
 * a non-crowd gt segment and a pred segment of the same category match when
   ``IoU = I / (|pred| + |gt| - I - |pred ∩ void|) > 0.5`` (the void part of the prediction is left out of the
   union); matched pairs are true positives and add their IoU;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from panoptic_deeplab.evaluation.report import ClassPQ, PanopticReport, PQMetric
 VOID_ID = 0  # id 0 in a panoptic PNG is void (unlabelled)
 MATCH_IOU = 0.5  # a match needs IoU strictly above this
 IGNORE_FRACTION = 0.5  # an unmatched prediction is ignored when void + crowd cover strictly more than this
+LOOKUP_LIMIT = 1 << 24  # ids below this (all a panoptic PNG can hold) are mapped to segments through a table
 
 
 @dataclass
@@ -169,14 +172,41 @@ def _segment_arrays(segments: Sequence[Mapping[str, Any]], what: str) -> tuple[n
     return ids, cats
 
 
-def _positions(values: np.ndarray, seg_ids: np.ndarray) -> np.ndarray:
-    """1 + position of each value in ``seg_ids`` (listed order); 0 where the value is not a segment id."""
-    if len(seg_ids) == 0:
-        return np.zeros(len(values), dtype=np.intp)
-    order = np.argsort(seg_ids, kind="stable")
-    sorted_ids = seg_ids[order]
-    pos = np.minimum(np.searchsorted(sorted_ids, values), len(seg_ids) - 1)
-    return np.where(sorted_ids[pos] == values, order[pos] + 1, 0)
+_scratch = threading.local()
+
+
+def _id_table() -> np.ndarray:
+    """This thread's all-zero int32 table over every id a PNG can hold (2^24 entries, 64 MiB of address space).
+
+    Reused by every image: a fresh table per image would fault in (and zero) a 2 MiB huge page around each
+    listed id, which costs more than the lookup itself. Only pages around ids seen so far are ever resident.
+    """
+    table = getattr(_scratch, "table", None)
+    if table is None:
+        table = _scratch.table = np.zeros(LOOKUP_LIMIT, dtype=np.int32)
+    return table
+
+
+def _segment_codes(ids: np.ndarray, seg_ids: np.ndarray, scale: int) -> np.ndarray:
+    """``scale * code`` per pixel (int32): code 0 for an id neither void nor listed, 1 for void, ``2 + k`` for
+    ``seg_ids[k]``. Ids must be non-negative."""
+    codes = (np.arange(2, len(seg_ids) + 2) * scale).astype(np.int32)
+    if max(int(ids.max(initial=0)), int(seg_ids.max(initial=0))) < LOOKUP_LIMIT:
+        table = _id_table()
+        try:
+            table[VOID_ID] = scale
+            table[seg_ids] = codes
+            return np.take(table, ids)
+        finally:  # back to all zeros for the next lookup
+            table[VOID_ID] = 0
+            table[seg_ids] = 0
+    # ids too large for the table (only possible in memory, not in a PNG): binary search over the listed ids
+    keys = np.concatenate([[VOID_ID], seg_ids])
+    values = np.concatenate([np.array([scale], dtype=np.int32), codes])
+    order = np.argsort(keys)
+    keys, values = keys[order], values[order]
+    pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+    return np.where(keys[pos] == ids, values[pos], np.int32(0))
 
 
 def pq_image_stat(
@@ -196,40 +226,37 @@ def pq_image_stat(
     p_id, p_cat = _segment_arrays(pred_segments, f"{where} (prediction)")
     g_crowd = np.fromiter((bool(s.get("iscrowd", 0)) for s in gt_segments), dtype=bool, count=len(gt_segments))
     ng, npr = len(g_id), len(p_id)
-
-    # One pass over the pixels: the distinct (gt id, pred id) pairs and their pixel counts (np.unique sorts the
-    # packed pairs; only the few distinct pairs are then looked up in the segment lists).
     if gt_ids.min(initial=0) < 0 or pred_ids.min(initial=0) < 0:
         raise ValueError(f"{where}: negative segment ids")
-    offset = int(pred_ids.max(initial=0)) + 1
-    if int(gt_ids.max(initial=0)) >= np.iinfo(np.int64).max // offset:
-        raise ValueError(f"{where}: segment ids too large to pair ({gt_ids.max()}, {pred_ids.max()})")
-    pairs, pair_counts = np.unique(gt_ids.astype(np.int64) * offset + pred_ids, return_counts=True)
-    pair_gt, pair_pred = np.divmod(pairs, offset)
-    # gt row: 0 void, 1..ng segments, ng+1 ids absent from the JSON (neither void nor matchable, as panopticapi)
-    gi = _positions(pair_gt, g_id)
-    gi[(gi == 0) & (pair_gt != VOID_ID)] = ng + 1
-    pi = _positions(pair_pred, p_id)
-    unknown = (pi == 0) & (pair_pred != VOID_ID)
-    if unknown.any():
-        bad = np.unique(pair_pred[unknown])[:10].tolist()
-        raise ValueError(f"{where}: prediction segment ids {bad} are in the PNG but not in the JSON")
-    counts = np.zeros((ng + 2, npr + 1), dtype=np.int64)
-    np.add.at(counts, (gi, pi), pair_counts)  # several absent gt ids may share row ng+1
 
-    p_area = counts[:, 1:].sum(axis=0)
+    # The intersection table in O(pixels): every pixel's gt and pred ids become compact codes (0 unlisted,
+    # 1 void, 2.. segments) and one bincount over gt_code * (npr + 2) + pred_code counts all pairs at once.
+    width = npr + 2
+    if (ng + 2) * width > np.iinfo(np.int32).max:
+        raise ValueError(f"{where}: too many segments to pair ({ng} ground truth x {npr} predicted)")
+    pair = _segment_codes(gt_ids, g_id, width)
+    pair += _segment_codes(pred_ids, p_id, 1)
+    counts = np.bincount(pair.ravel(), minlength=(ng + 2) * width).reshape(ng + 2, width)
+    if counts[:, 0].any():
+        values = np.unique(pred_ids)
+        bad = values[(values != VOID_ID) & ~np.isin(values, p_id)][:10].tolist()
+        raise ValueError(f"{where}: prediction segment ids {bad} are in the PNG but not in the JSON")
+
+    # rows: 0 gt ids absent from the JSON (neither void nor matchable, as in panopticapi), 1 void, 2.. segments
+    p_area = counts[:, 2:].sum(axis=0)
     if (p_area == 0).any():
         raise ValueError(
             f"{where}: prediction segment ids {p_id[p_area == 0].tolist()} are in the JSON but not in the PNG"
         )
-    g_area = counts[1 : ng + 1].sum(axis=1).astype(np.float64)
+    inter = counts[2:, 2:]
+    void_p = counts[1, 2:]
+    g_area = counts[2:].sum(axis=1).astype(np.float64)
     for k, s in enumerate(gt_segments):  # panopticapi takes the gt area from the JSON
         if "area" in s:
             g_area[k] = float(s["area"])
 
-    inter = counts[1 : ng + 1, 1:]
-    void_p = counts[VOID_ID, 1:]
-    candidate = (inter > 0) & ~g_crowd[:, None] & (g_cat[:, None] == p_cat[None, :])
+    same_cat = g_cat[:, None] == p_cat[None, :]
+    candidate = (inter > 0) & ~g_crowd[:, None] & same_cat
     union = p_area[None, :] + g_area[:, None] - inter - void_p[None, :]
     iou = np.zeros(inter.shape, dtype=np.float64)
     np.divide(inter, union, out=iou, where=candidate)
@@ -238,12 +265,11 @@ def pq_image_stat(
     pred_matched = matched.any(axis=0)
 
     # crowd region per category: the last crowd segment listed wins, as in panopticapi
-    crowd_row = {int(g_cat[k]): k for k in np.flatnonzero(g_crowd)}
-    ignored = void_p.astype(np.float64)
-    for j in range(npr):
-        k = crowd_row.get(int(p_cat[j]))
-        if k is not None:
-            ignored[j] += inter[k, j]
+    crowd_rows = np.flatnonzero(g_crowd)
+    _, last = np.unique(g_cat[crowd_rows][::-1], return_index=True)
+    region = np.zeros(ng, dtype=bool)
+    region[crowd_rows[::-1][last]] = True
+    ignored = void_p + (inter * (region[:, None] & same_cat)).sum(axis=0)
     fp_mask = ~pred_matched & ~(ignored / p_area > IGNORE_FRACTION)
     fn_mask = ~gt_matched & ~g_crowd
 
