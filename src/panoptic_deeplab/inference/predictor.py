@@ -238,6 +238,17 @@ def flip_outputs(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """The layout of the model's conv weights, so that inputs match it (no conversion inside each conv).
+
+    1x1 kernels are contiguous in both layouts: only a kernel that is channels_last and not contiguous tells."""
+    channels_last = any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class Predictor:
     """Panoptic-DeepLab inference on single images or batches, with optional test-time augmentation.
 
@@ -347,6 +358,8 @@ class Predictor:
             model.load_state_dict(checkpoint["model"])
         except RuntimeError as exc:
             raise ValueError(f"checkpoint {source}: the weights do not fit the model of its config: {exc}") from None
+        # The predictor owns this model: channels_last runs 1.5-1.6x faster on CPU (benchmarks/bench_model.py).
+        model = model.to(memory_format=torch.channels_last)
         post_cfg = postprocess if postprocess is not None else cfg.postprocess
         return cls(model, (model_cfg, post_cfg), meta, device=device, **kwargs)
 
@@ -358,6 +371,7 @@ class Predictor:
         width = max(int(im.shape[2]) for im in images)
         size = valid_input_size(height, width, self.model_cfg.output_stride, self.model_cfg.align_corners)
         batch = torch.stack([pad_to_size(im, size, self._pad_fill) for im in images])
+        batch = batch.contiguous(memory_format=_memory_format(self.model))
         outputs = self.model(batch)
         # Offsets are in input pixels and padding is at the bottom/right: cropping needs no rescale.
         keys = ("semantic", "center", "offset")
