@@ -1,1 +1,0 @@
-"""export stage of panoptic_deeplab."""
