@@ -511,12 +511,16 @@ def ids_to_label_map(
     return sorted_labels[pos].astype(np.int32)
 
 
-def label_map_to_ids(label_map: np.ndarray, meta: DatasetMeta) -> tuple[np.ndarray, list[SegmentInfo]]:
+def label_map_to_ids(
+    label_map: np.ndarray, meta: DatasetMeta, context: str = ""
+) -> tuple[np.ndarray, list[SegmentInfo]]:
     """Label map -> (panoptic id map int32, segments_info) with fresh ids ``1..K``.
 
     One segment per distinct label, in increasing label order; void (train id = ignore label) -> id 0;
     thing labels with instance 0 become crowd segments. Area and bbox are computed from the map.
+    ``context`` (e.g. the image) starts error messages.
     """
+    where = f"{context}: " if context else ""
     label_map = np.asarray(label_map)
     values, areas, bboxes = segment_areas_bboxes(label_map)
     train_ids = values // meta.label_divisor
@@ -525,14 +529,14 @@ def label_map_to_ids(label_map: np.ndarray, meta: DatasetMeta) -> tuple[np.ndarr
     bad = (~is_void) & ((values < 0) | (train_ids >= meta.num_classes))
     if bad.any():
         raise ValueError(
-            f"label {int(values[bad][0])} has train id {int(train_ids[bad][0])} outside "
-            f"0..{meta.num_classes - 1} (and is not void {meta.void_label})"
+            f"{where}label {int(values[bad][0])} has a class outside 0..{meta.num_classes - 1} "
+            f"(train id {int(train_ids[bad][0])}; void is {meta.void_label})"
         )
     is_thing = thing_mask_lookup(meta.thing_train_ids, max(meta.num_classes, meta.ignore_label + 1))
     stuff_with_instance = (~is_void) & (~is_thing[np.where(is_void, 0, train_ids)]) & (instances != 0)
     if stuff_with_instance.any():
         raise ValueError(
-            f"label {int(values[stuff_with_instance][0])} gives an instance number to the stuff class "
+            f"{where}label {int(values[stuff_with_instance][0])} gives an instance number to the stuff class "
             f"{meta.class_names[int(train_ids[stuff_with_instance][0])]!r}"
         )
     new_ids = np.zeros(len(values), dtype=np.int32)

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from panoptic_deeplab.data.coco_panoptic import CategoryInfo, DatasetMeta, read_panoptic_png
+from panoptic_deeplab.data.coco_panoptic import CategoryInfo, DatasetMeta, label_map_to_ids, read_panoptic_png
 from panoptic_deeplab.evaluation.report import ClassPQ, PanopticReport, PQMetrics
 
 VOID_ID = 0  # id 0 in a panoptic PNG is void (unlabelled)
@@ -291,37 +291,15 @@ def pq_image_stat(
 # ----------------------------------------------------------------------------------------------------- label maps
 
 
-def label_map_to_segments(
-    label_map: Any, meta: DatasetMeta, is_ground_truth: bool = True, context: str = ""
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def label_map_to_segments(label_map: Any, meta: DatasetMeta, context: str = "") -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Label map (``train_id * label_divisor + instance``, void ``meta.void_label``) -> (id map, segments).
 
-    Ids are compact (1..), 0 is void; segments carry the dataset ``category_id`` and, for ground truth,
-    ``iscrowd`` = 1 for a thing class with instance number 0 (docs/ARCHITECTURE.md).
+    :func:`~panoptic_deeplab.data.coco_panoptic.label_map_to_ids` with the segments as JSON dicts: ids are
+    compact (1..), 0 is void; segments carry the dataset ``category_id``, the area and ``iscrowd`` = 1 for a
+    thing class with instance number 0 (docs/ARCHITECTURE.md; PQ reads ``iscrowd`` of ground truth only).
     """
-    where = context or "label map"
-    lm = _as_id_map(label_map, where)
-    values, inverse = np.unique(lm, return_inverse=True)
-    train = values // meta.label_divisor
-    if (values < 0).any():
-        raise ValueError(f"{where}: negative labels {values[values < 0][:10].tolist()}")
-    is_void = train == meta.ignore_label
-    bad = values[(train >= meta.num_classes) & ~is_void]
-    if len(bad):
-        raise ValueError(
-            f"{where}: labels {bad[:10].tolist()} have a class outside 0..{meta.num_classes - 1} "
-            f"(void is {meta.void_label})"
-        )
-    seg_ids = np.cumsum(~is_void)  # 1.. for the kept values
-    seg_ids[is_void] = VOID_ID
-    ids = seg_ids[inverse.reshape(lm.shape)]
-    segments = []
-    for value, t, sid in zip(values[~is_void].tolist(), train[~is_void].tolist(), seg_ids[~is_void].tolist()):
-        seg: dict[str, Any] = {"id": sid, "category_id": meta.categories[t].id}
-        if is_ground_truth:
-            seg["iscrowd"] = int(meta.is_thing_train_id(t) and value % meta.label_divisor == 0)
-        segments.append(seg)
-    return ids, segments
+    ids, segments = label_map_to_ids(_as_id_map(label_map, context or "label map"), meta, context)
+    return ids, [segment.to_json() for segment in segments]
 
 
 class PanopticEvaluator:
@@ -340,8 +318,8 @@ class PanopticEvaluator:
         key = str(image_id if image_id is not None else len(self.per_image))
         if key in self.per_image:
             raise ValueError(f"image {key!r} was already added to the evaluator")
-        gt_ids, gt_segs = label_map_to_segments(gt_label_map, self.meta, True, f"image {key} (ground truth)")
-        pred_ids, pred_segs = label_map_to_segments(pred_label_map, self.meta, False, f"image {key} (prediction)")
+        gt_ids, gt_segs = label_map_to_segments(gt_label_map, self.meta, f"image {key} (ground truth)")
+        pred_ids, pred_segs = label_map_to_segments(pred_label_map, self.meta, f"image {key} (prediction)")
         image_stat = self.stat.update(gt_ids, gt_segs, pred_ids, pred_segs, context=f"image {key}")
         self.per_image[key] = image_stat
         return image_stat
