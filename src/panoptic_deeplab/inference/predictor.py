@@ -53,9 +53,9 @@ def image_to_tensor(image: ImageInput) -> Tensor:
     """
     if isinstance(image, (str, os.PathLike)):
         # load_image raises DatasetError (a ValueError) naming the file when missing or unreadable
-        return torch.from_numpy(load_image(image).copy()).permute(2, 0, 1).float().div_(255.0)
-    if isinstance(image, Image.Image):
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255.0)
+        image = load_image(image)
+    elif isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"a numpy image must be [H, W, 3] RGB, got shape {image.shape}")
