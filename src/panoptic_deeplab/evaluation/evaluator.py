@@ -28,16 +28,18 @@ from panoptic_deeplab.data.dataset import PanopticDataset
 from panoptic_deeplab.data.transforms import EvalTransform
 from panoptic_deeplab.evaluation.instance_ap import CityscapesInstanceEvaluator, COCOInstanceEvaluator
 from panoptic_deeplab.evaluation.panoptic_quality import PanopticEvaluator
-from panoptic_deeplab.evaluation.report import InstanceReport, PanopticReport, SemanticReport, write_json_atomic
+from panoptic_deeplab.evaluation.report import (
+    InstanceReport,
+    PanopticReport,
+    SemanticReport,
+    format_percent,
+    write_json_atomic,
+)
 from panoptic_deeplab.evaluation.semantic import SemanticEvaluator
 from panoptic_deeplab.inference.predictor import PanopticPredictionWriter, PanopticResult, Predictor
 
 PREDICTIONS_JSON = "predictions.json"  # inside predictions_dir, beside the PNG folder (as `predict` writes)
 PREDICTIONS_PNG_DIR = "panoptic"
-
-
-def _pct(value: float | None) -> str:
-    return "     -" if value is None else f"{100 * value:6.2f}"
 
 
 @dataclass
@@ -91,13 +93,13 @@ class EvaluationReport:
         lines.append("-" * (name_w + 30))
         for label, m in (("All", p.all), ("Things", p.things), ("Stuff", p.stuff)):
             values = (None, None, None) if m.n == 0 else (m.pq, m.sq, m.rq)
-            lines.append(f"{label:{name_w}s} | " + " ".join(_pct(v) for v in values) + f" {m.n:4d}")
+            lines.append(f"{label:{name_w}s} | " + " ".join(format_percent(v) for v in values) + f" {m.n:4d}")
         lines.append("")
-        lines.append(f"{'mIoU':{name_w}s} | {_pct(self.semantic.miou)}")
-        lines.append(f"{'pixel accuracy':{name_w}s} | {_pct(self.semantic.pixel_accuracy)}")
-        lines.append(f"{'AP / AP50 COCO':{name_w}s} | {_pct(self.coco_ap.ap)} {_pct(self.coco_ap.ap50)}")
+        lines.append(f"{'mIoU':{name_w}s} | {format_percent(self.semantic.miou)}")
+        lines.append(f"{'pixel accuracy':{name_w}s} | {format_percent(self.semantic.pixel_accuracy)}")
+        lines.append(f"{'AP / AP50 COCO':{name_w}s} | {format_percent(self.coco_ap.ap)} {format_percent(self.coco_ap.ap50)}")
         lines.append(
-            f"{'AP / AP50 Cityscapes':{name_w}s} | {_pct(self.cityscapes_ap.ap)} {_pct(self.cityscapes_ap.ap50)}"
+            f"{'AP / AP50 Cityscapes':{name_w}s} | {format_percent(self.cityscapes_ap.ap)} {format_percent(self.cityscapes_ap.ap50)}"
         )
         lines.append("")
         header = (
@@ -109,9 +111,9 @@ class EvaluationReport:
             pq = (c.pq, c.sq, c.rq) if c.evaluated else (None, None, None)
             ap = (self.coco_ap.per_class_ap.get(name), self.cityscapes_ap.per_class_ap.get(name))
             lines.append(
-                f"{name:{name_w}s} | " + " ".join(_pct(v) for v in pq)
-                + f" {c.tp:6d} {c.fp:6d} {c.fn:6d} | {_pct(self.semantic.per_class_iou.get(name))} | "
-                + (" ".join(_pct(v) for v in ap) if c.isthing else f"{'':13s}")
+                f"{name:{name_w}s} | " + " ".join(format_percent(v) for v in pq)
+                + f" {c.tp:6d} {c.fp:6d} {c.fn:6d} | {format_percent(self.semantic.per_class_iou.get(name))} | "
+                + (" ".join(format_percent(v) for v in ap) if c.isthing else f"{'':13s}")
                 + f"  {'thing' if c.isthing else 'stuff'}"
             )
         return "\n".join(lines)

@@ -10,6 +10,11 @@ from typing import Any
 from panoptic_deeplab.atomic import write_text_atomic
 
 
+def format_percent(value: float | None) -> str:
+    """A fraction as a 6-wide percentage for the tables; ``-`` where there is no value."""
+    return "     -" if value is None else f"{100 * value:6.2f}"
+
+
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically (temporary file in the same folder, then rename).
 
@@ -124,7 +129,7 @@ class SemanticReport:
         lines = [f"{'mIoU':{name_w}s} | {100 * self.miou:6.2f}", f"{'pixel acc.':{name_w}s} | {100 * self.pixel_accuracy:6.2f}"]
         lines.append("-" * (name_w + 10))
         for name, iou in self.per_class_iou.items():
-            lines.append(f"{name:{name_w}s} | " + ("     -" if iou is None else f"{100 * iou:6.2f}"))
+            lines.append(f"{name:{name_w}s} | {format_percent(iou)}")
         return "\n".join(lines)
 
 
@@ -142,9 +147,7 @@ class InstanceReport:
         return asdict(self)
 
     def format_table(self) -> str:
-        def pct(v: float | None) -> str:
-            return "     -" if v is None else f"{100 * v:6.2f}"
-
+        pct = format_percent
         name_w = max([14] + [len(n) for n in self.per_class_ap])
         lines = [f"{self.protocol} mask AP", f"{'AP':{name_w}s} | {pct(self.ap)}", f"{'AP50':{name_w}s} | {pct(self.ap50)}"]
         if self.ap75 is not None:
