@@ -240,7 +240,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     files.add_argument("--gt-json", help="ground-truth COCO panoptic JSON (its categories are used)")
     files.add_argument("--gt-dir", help="directory of the ground-truth panoptic PNGs")
     files.add_argument("--pred-dir", help="directory of the predicted panoptic PNGs")
-    files.add_argument("--workers", type=int, default=None, help="processes reading images (default: all CPUs)")
+    files.add_argument("--workers", type=int, default=None, help="threads reading and scoring images (default: all CPUs)")
     model = p.add_argument_group("model form")
     model.add_argument("--config", default=None, help="preset or YAML replacing the checkpoint's saved config")
     model.add_argument("--split", choices=("val", "train"), default="val", help="split of data.<split> (default val)")
@@ -253,10 +253,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                        help="average over these input scales, e.g. 0.75,1,1.25 (default 1)")
     model.add_argument("--batch-size", type=int, default=None,
                        help="images per forward pass (default data.eval_batch_size)")
-    model.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     model.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. postprocess.stuff_area=4096 data.val.json=...")
     p.add_argument("--output", default=None, metavar="REPORT.json", help="write the report as JSON (atomically)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -289,7 +289,8 @@ def _run_evaluate_files(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    report = evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers)
+    report = evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers,
+                                     progress=not args.no_progress)
     print(report.format_table())
     if args.output is not None:
         report.save_json(args.output)

@@ -35,3 +35,17 @@ def test_evaluate_bad_usage(panoptic_case, tmp_path, capsys):
     assert "no prediction for the image" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # neither --pred-json nor (later) --checkpoint
         main(["evaluate", "--gt-json", str(gt_json), "--gt-dir", str(gt_dir)])
+
+
+def test_evaluate_files_threads_report_a_corrupt_png(panoptic_case, capsys):
+    """An error in a worker thread reaches the CLI as exit status 2 naming the file; the bar goes to stderr."""
+    gt_json, gt_dir, pred_json, pred_dir = panoptic_case(["shift"], seed=3, repeats=3)
+    args = ["evaluate", "--gt-json", str(gt_json), "--gt-dir", str(gt_dir), "--pred-json", str(pred_json),
+            "--pred-dir", str(pred_dir), "--workers", "2"]
+    assert main(args) == 0
+    assert "PQ: 100%" in capsys.readouterr().err
+    broken = sorted(pred_dir.glob("*.png"))[-1]
+    broken.write_bytes(broken.read_bytes()[:60])
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert broken.name in err and "truncated" in err and "PQ:" not in err

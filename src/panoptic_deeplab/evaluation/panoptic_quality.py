@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from panoptic_deeplab.data.coco_panoptic import CategoryInfo, DatasetMeta, label_map_to_ids, read_panoptic_png
 from panoptic_deeplab.evaluation.report import ClassPQ, PanopticReport, PQMetrics
@@ -173,6 +174,22 @@ def _segment_arrays(segments: Sequence[Mapping[str, Any]], what: str) -> tuple[n
 
 
 _scratch = threading.local()
+_malloc_adapted = False
+
+
+def _adapt_malloc_to_image_buffers() -> None:
+    """Let glibc serve the per-image buffers (a few MB each) from its heap instead of fresh mmaps.
+
+    By default glibc maps every block above 128 KiB anew and returns freed heap tops above 256 KiB to the system,
+    so each image's PIL bytes, id maps and bincount input were page-faulted in again (~780 faults per 256x512
+    image, a third of the time). glibc raises both thresholds itself once a large mapped block is freed; freeing
+    one 31 MiB block (below its 32 MiB cap, never touched, so it costs no memory) does that up front. Elsewhere
+    than glibc this is a harmless allocation.
+    """
+    global _malloc_adapted
+    if not _malloc_adapted:
+        np.empty(31 << 20, dtype=np.uint8)  # mapped, then freed at once as nothing keeps it
+        _malloc_adapted = True
 
 
 def _id_table() -> np.ndarray:
@@ -361,11 +378,13 @@ def evaluate_panoptic_files(
     pred_json: str | os.PathLike[str],
     pred_dir: str | os.PathLike[str],
     workers: int | None = None,
+    progress: bool = False,
 ) -> PanopticReport:
     """PQ of predictions against ground truth, both in the COCO panoptic format (JSON + PNG folder).
 
     Every gt image needs a prediction (matched by ``image_id``); extra predictions are ignored. Categories come
-    from the gt JSON. ``workers`` processes read and score images in parallel (default: all CPUs; 1 = in process).
+    from the gt JSON. ``workers`` threads read and score images in parallel (default: all CPUs; 1 = in the calling
+    thread); ``progress`` shows a progress bar.
     """
     gt = _load_json(gt_json, "ground-truth JSON")
     pred = _load_json(pred_json, "prediction JSON")
@@ -392,13 +411,16 @@ def evaluate_panoptic_files(
             raise ValueError(f"{pred_json}: no prediction for the image with id {ann['image_id']!r}")
         jobs.append((ann, pred_by_image[ann["image_id"]], os.fspath(gt_dir), os.fspath(pred_dir)))
 
+    _adapt_malloc_to_image_buffers()
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    bar = {"total": len(jobs), "unit": "img", "desc": "PQ", "disable": not progress}
     if workers == 1:
-        image_stats = [_image_job(job) for job in jobs]
+        image_stats = list(tqdm(map(_image_job, jobs), **bar))
     else:
-        chunk = max(1, len(jobs) // (4 * workers))
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            image_stats = list(pool.map(_image_job, jobs, chunksize=chunk))
+        # Threads, not processes: PIL's PNG decoding and the NumPy passes release the GIL, so 2 threads run 1.7x
+        # faster than 1, as fast as 2 processes, without process start-up or pickling.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            image_stats = list(tqdm(pool.map(_image_job, jobs), **bar))
 
     total = PQStat()
     per_image: dict[str, PQStat] = {}
