@@ -3,12 +3,11 @@
 cityscapesscripts' `evalPanopticSemanticLabeling` is the COCO panopticapi `pq_compute` algorithm. Both read the
 same COCO panoptic files: the built-in synthetic dataset (``--num`` images of ``--size``, default 200 x 256x512)
 as ground truth and a perturbed copy as prediction (instances shifted, some dropped, classes swapped, false
-positives added). Both use the same number of workers (cityscapesscripts processes, our threads). A second
-measurement leaves PNG decoding out (both score images already decoded in memory, one process), and a third times
-decoding the PNGs alone (PIL in both; ours through ``read_panoptic_png``, which includes the id conversion).
-Decoding costs more than either scoring, so it bounds the end-to-end ratio at (their decoding + their scoring) /
-our decoding.
-Usage:
+positives added). Both use the same number of workers: cityscapesscripts processes (forked from this one, with its
+allocator state) and our threads. A second measurement leaves PNG decoding out (both score images already decoded
+in memory, one process), and a third times decoding the PNGs alone (PIL in both; ours through
+``read_panoptic_png``, which includes the id conversion). Decoding costs more than either scoring, so it bounds
+the end-to-end ratio at (their decoding + their scoring) / our decoding. Usage:
 
     .venv/bin/python benchmarks/bench_evaluation.py [--num 200] [--size 256x512] [--workers N] [--repeats 3]
         [--cache DIR]   # keep the generated files in DIR and reuse them (Cityscapes size takes a while to write)
