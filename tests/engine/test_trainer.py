@@ -137,8 +137,9 @@ def test_cli_train_and_bad_resume(tiny_overrides: list[str], tmp_path: Path, cap
     args = ["train", "--config", "synthetic_mnv3", *tiny_overrides, "solver.max_iter=1"]
     assert cli_main([*args, "--output-dir", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "model_0000001.pt").is_file()
-    assert cli_main([*args, "--resume", str(tmp_path / "missing.pt")]) == 2
+    assert cli_main([*args, "--output-dir", str(tmp_path / "bad"), "--resume", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt: no such checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before the run directory was made
 
 
 def test_torchrun_two_processes_gloo(tiny_overrides: list[str], tmp_path: Path) -> None:

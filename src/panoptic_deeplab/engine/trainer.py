@@ -158,12 +158,12 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.evaluations: list[dict[str, Any]] = []
 
+        resume_path = broadcast_object(  # before writing anything: a wrong --resume leaves no run directory
+            ckpt_io.resolve_resume(resume, self.output_dir) if self.is_main else None, self.dist
+        )
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
-        resume_path = broadcast_object(
-            ckpt_io.resolve_resume(resume, self.output_dir) if self.is_main else None, self.dist
-        )
         if resume_path is not None:
             self._load(Path(resume_path))
 
