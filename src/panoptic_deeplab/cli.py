@@ -171,7 +171,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="run a trained model on an image or a folder of images",
         description="Writes OUT/predictions.json + OUT/panoptic/<stem>.png (COCO panoptic format) and, "
-        "unless --no-pictures, OUT/pictures/<stem>_overlay.png, <stem>_center.png and <stem>_offset.png.",
+        "unless --no-pictures, OUT/pictures/<stem>_overlay.png, <stem>_center.png and <stem>_offset.png. "
+        "Unreadable images are skipped with a warning and exit status 1; the others are still written.",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file written by train")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
@@ -192,7 +193,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from panoptic_deeplab.data.coco_panoptic import load_image, load_panoptic_json
+    from panoptic_deeplab.data.coco_panoptic import load_panoptic_json
     from panoptic_deeplab.engine.checkpoint import CheckpointError
     from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
     from panoptic_deeplab.inference.visualize import save_pictures
@@ -212,14 +213,28 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not args.no_pictures:
         pictures.mkdir(parents=True, exist_ok=True)
     progress = tqdm(total=len(paths), unit="img", disable=args.no_progress or len(paths) == 1)
-    for path, result in predict_folder(predictor, paths, out / "predictions.json", out / "panoptic"):
+    unreadable: list[Path] = []
+
+    def skip(path: Path, error: Exception) -> None:
+        unreadable.append(path)
+        progress.write(f"warning: skipped {error}", file=sys.stderr)
+        progress.update(1)
+
+    for path, image, result in predict_folder(
+        predictor, paths, out / "predictions.json", out / "panoptic", on_unreadable=skip
+    ):
         if not args.no_pictures:
-            save_pictures(load_image(path), result, predictor.meta, pictures, path.stem)
+            save_pictures(image, result, predictor.meta, pictures, path.stem)
         progress.update(1)
     progress.close()
-    print(f"predicted {len(paths)} image(s): {out / 'predictions.json'}, {out / 'panoptic'}"
+    print(f"predicted {len(paths) - len(unreadable)} image(s): {out / 'predictions.json'}, {out / 'panoptic'}"
           + ("" if args.no_pictures else f", pictures in {pictures}"))
+    if unreadable:
+        print(f"skipped {len(unreadable)} unreadable image(s): {', '.join(p.name for p in unreadable)}",
+              file=sys.stderr)
+        return EXIT_PROBLEMS
     return EXIT_OK
+
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(

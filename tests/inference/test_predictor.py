@@ -447,6 +447,33 @@ def test_cli_predict_folder(checkpoint, tmp_path, capsys):
     assert "x.pt does not exist" in capsys.readouterr().err
 
 
+def test_cli_predict_skips_unreadable_images(checkpoint, tmp_path, capsys):
+    """A corrupt image among good ones is skipped with a warning naming it (exit 1), the rest are written; when
+    nothing can be read, nothing is committed and an earlier prediction set stays as it was (exit 2)."""
+    from panoptic_deeplab.cli import main
+
+    path, _ = checkpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(_scene(40, 64, [(20, 30, 8)])).save(images / "good.png")
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", str(path), "--device", "cpu", "--output", str(out), "--no-progress"]
+    assert main([*argv, "--input", str(images)]) == 1
+    err = capsys.readouterr().err
+    assert "warning: skipped" in err and "corrupt.jpg: unreadable or truncated image" in err
+    assert "skipped 1 unreadable image(s): corrupt.jpg" in err
+    assert [im.file_name for im in load_panoptic_json(out / "predictions.json").images] == ["good.png"]
+    assert (out / "pictures" / "good_overlay.png").is_file()
+
+    before = (out / "predictions.json").read_bytes()
+    assert main([*argv, "--input", str(images / "corrupt.jpg")]) == 2
+    assert "none of the 1 image(s) could be read" in capsys.readouterr().err
+    assert (out / "predictions.json").read_bytes() == before
+    assert sorted(p.name for p in (out / "panoptic").iterdir()) == ["good.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["panoptic", "pictures", "predictions.json"]  # no temp folder
+
+
 def test_package_exports_predictor():
     import panoptic_deeplab
 

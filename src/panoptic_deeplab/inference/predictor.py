@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from panoptic_deeplab.config import Config, ModelConfig, PostProcessConfig
 from panoptic_deeplab.data.coco_panoptic import (
+    DatasetError,
     DatasetMeta,
     ImageInfo,
     PanopticAnnotation,
@@ -541,16 +542,31 @@ def predict_folder(
     images: Iterable[Path],
     json_path: str | os.PathLike,
     png_dir: str | os.PathLike,
-) -> Iterable[tuple[Path, PanopticResult]]:
+    on_unreadable: Callable[[Path, DatasetError], None] | None = None,
+) -> Iterator[tuple[Path, np.ndarray, PanopticResult]]:
     """Predict ``images`` one batch at a time, writing them as one COCO panoptic prediction set.
 
-    A generator: yields ``(path, result)`` as each image is done (for pictures, progress bars); the
+    A generator: yields ``(path, RGB image, result)`` as each image is done (for pictures, progress bars); the
     JSON and PNG folder are committed when it is exhausted and discarded if it fails or is closed early.
+    A missing or unreadable image raises :class:`DatasetError`, unless ``on_unreadable`` is given: then it is
+    called with the path and the error and the image is left out (when no image is left, nothing is committed
+    and DatasetError is raised).
     """
     paths = list(images)
     with PanopticPredictionWriter(json_path, png_dir, predictor.meta) as writer:
+        predicted = 0
         for start in range(0, len(paths), predictor.batch_size):
-            chunk = paths[start : start + predictor.batch_size]
-            for path, result in zip(chunk, predictor.predict_batch(chunk)):
+            loaded = []
+            for path in paths[start : start + predictor.batch_size]:
+                try:
+                    loaded.append((path, load_image(path)))
+                except DatasetError as exc:
+                    if on_unreadable is None:
+                        raise
+                    on_unreadable(path, exc)
+            for (path, image), result in zip(loaded, predictor.predict_batch([image for _, image in loaded])):
                 writer.add(result, path.name)
-                yield path, result
+                predicted += 1
+                yield path, image, result
+        if paths and not predicted:
+            raise DatasetError(f"none of the {len(paths)} image(s) could be read")
