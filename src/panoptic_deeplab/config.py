@@ -31,19 +31,33 @@ class ModelConfig:
     backbone_weights: str | None = None  # local file with the backbone's ImageNet weights
     num_classes: int = 19
     output_stride: int = 16  # 16 or 32
+    # Dilation multipliers of the last stage's blocks (ResNets only): D2's R52 uses (1, 2, 4) at os16.
+    multi_grid: tuple[int, ...] | None = None
     aspp_channels: int = 256
     aspp_rates: tuple[int, int, int] | None = None  # None: (6, 12, 18) at os16, (3, 6, 9) at os32
     aspp_dropout: float = 0.1
     aspp_separable: bool = False  # D2 uses depthwise-separable ASPP convs
+    # Image pooling (SPEC §1.3): None = global at every size; (h, w) = D2's average pool of the train crop's
+    # feature size, sliding (stride 1) over larger test features.
+    aspp_pool_kernel: tuple[int, int] | None = None
+    aspp_pool_conv: str = "bn"  # 1x1 conv of the pooling branch: "bn" (DL2), "bias" (D2), "plain" (BC)
+    # Decoder taps, deepest first, as strides: (8, 4) (paper); BC's os32 models fuse (16, 8, 4).
+    low_level_strides: tuple[int, ...] = (8, 4)
+    decoder_fusion: str = "dsconv"  # "dsconv" (one 5x5 DSConv) or "d2" (two 3x3 convs, D2 non-DSConv)
     semantic_decoder_channels: int = 256
-    semantic_low_level_channels: tuple[int, int] = (64, 32)  # projections of the os8, os4 taps
+    semantic_low_level_channels: tuple[int, ...] = (64, 32)  # projections of the taps, one per low_level_strides
     semantic_head_channels: int = 256
+    semantic_head: str = "dsconv"  # "dsconv" (5x5 DSConv) or "d2" (two 3x3 convs)
     instance_decoder_channels: int = 128
-    instance_low_level_channels: tuple[int, int] = (32, 16)  # D2: (64, 32)
+    instance_low_level_channels: tuple[int, ...] = (32, 16)  # D2: (64, 32)
     instance_head_channels: int = 32
     center_head: str = "dsconv"  # "dsconv" (paper/DL2) or "d2" (two 3x3 convs)
+    offset_head: str = "dsconv"
     concat_low_level_first: bool = False  # D2 concatenates [low-level, upsampled]
     align_corners: bool = True
+    # Inference pads inputs to a multiple of this (0: of the output stride, +1 with align_corners);
+    # D2's COCO model pads to 640 (SIZE_DIVISIBILITY).
+    size_divisibility: int = 0
     bn_momentum: float = 0.01
     bn_eps: float = 1e-5
     init: str = "normal"  # "normal" (std 0.001, BC) or "he" (DL2)
@@ -274,6 +288,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise fail(_type_name(tp))
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise fail(f"a list ({_type_name(tp)})")
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise fail(f"a list of {len(args)} values ({_type_name(tp)})")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
@@ -447,6 +465,10 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "model.output_stride": (8, 16, 32),
     "model.center_head": ("dsconv", "d2"),
+    "model.semantic_head": ("dsconv", "d2"),
+    "model.offset_head": ("dsconv", "d2"),
+    "model.decoder_fusion": ("dsconv", "d2"),
+    "model.aspp_pool_conv": ("bn", "bias", "plain"),
     "model.init": ("normal", "he"),
     "solver.amp": ("none", "bf16", "fp16"),
 }
@@ -486,6 +508,7 @@ def validate_config(cfg: Config) -> None:
         "train.eval_period": cfg.train.eval_period,
         "train.keep_last": cfg.train.keep_last,
         "postprocess.stuff_area": cfg.postprocess.stuff_area,
+        "model.size_divisibility": cfg.model.size_divisibility,
     }
     for dotted, value in non_negative.items():
         if value < 0:

@@ -30,23 +30,30 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 
 
 def valid_input_size(
-    height: int, width: int, output_stride: int = 32, align_corners: bool = True
+    height: int, width: int, output_stride: int = 32, align_corners: bool = True, size_divisibility: int = 0
 ) -> tuple[int, int]:
     """Smallest network input size ``>= (height, width)`` the model resamples exactly.
 
     With ``align_corners=True`` (the paper / TF lineage) sizes are ``k * output_stride + 1``
     (1025x2049, 641x641), so that every feature map's corners align with the input's; otherwise
-    they are ``k * output_stride`` (SPEC §1.7). ``k >= 1``.
+    they are ``k * output_stride`` (SPEC §1.7). ``k >= 1``. ``size_divisibility > 0`` then rounds each
+    side up to a multiple of it (D2's ``SIZE_DIVISIBILITY``: its COCO model sees 640x640 inputs).
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     if output_stride <= 0:
         raise ValueError(f"output_stride must be positive, got {output_stride}")
+    if size_divisibility < 0:
+        raise ValueError(f"size_divisibility must be >= 0, got {size_divisibility}")
 
     def one(size: int) -> int:
         if align_corners:
-            return max(1, math.ceil((size - 1) / output_stride)) * output_stride + 1
-        return max(1, math.ceil(size / output_stride)) * output_stride
+            size = max(1, math.ceil((size - 1) / output_stride)) * output_stride + 1
+        else:
+            size = max(1, math.ceil(size / output_stride)) * output_stride
+        if size_divisibility:
+            size = math.ceil(size / size_divisibility) * size_divisibility
+        return size
 
     return one(height), one(width)
 

@@ -370,7 +370,8 @@ class Predictor:
         """Run the model once on images padded to one valid size; outputs cropped back to each image."""
         height = max(int(im.shape[1]) for im in images)
         width = max(int(im.shape[2]) for im in images)
-        size = valid_input_size(height, width, self.model_cfg.output_stride, self.model_cfg.align_corners)
+        cfg = self.model_cfg
+        size = valid_input_size(height, width, cfg.output_stride, cfg.align_corners, cfg.size_divisibility)
         batch = torch.stack([pad_to_size(im, size, self._pad_fill) for im in images])
         batch = batch.contiguous(memory_format=_memory_format(self.model))
         outputs = self.model(batch)

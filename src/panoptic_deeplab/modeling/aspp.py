@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBNReLU, DepthwiseSeparableConv
+from .layers import ConvBNReLU, DepthwiseSeparableConv, resize
 
 # SPEC §1.3: rates scale inversely with the output stride (DL2 FAQ: os8 -> 12, 24, 36).
 DEFAULT_ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
@@ -18,18 +19,41 @@ def default_aspp_rates(output_stride: int) -> tuple[int, int, int]:
     return DEFAULT_ASPP_RATES[output_stride]
 
 
-class ASPPPooling(nn.Module):
-    """Image-level branch: global average pool -> 1x1 conv (no bias) + BN + ReLU -> broadcast back.
+POOL_CONV_KINDS = ("bn", "bias", "plain")
 
-    SPEC §0/§1.3: the pooling is global at every input size (DL2 with full-image crops, BC), not D2's
-    train-crop-sized sliding window. Bilinear upsampling of a 1x1 map is a constant map for either
-    ``align_corners``, so the result is expanded instead of interpolated.
+
+class ASPPPooling(nn.Module):
+    """Image-level branch: average pool -> 1x1 conv -> ReLU -> back to the input's size (SPEC §1.3).
+
+    ``kernel=None`` pools globally at every input size (SPEC §0: DL2 with full-image crops, BC at test).
+    ``kernel=(h, w)`` is D2's ``AvgPool2d(train crop / stride, stride 1)``: global on a train-crop-sized
+    feature, a sliding window on larger ones, bilinearly resized back (``align_corners`` of the model).
+    A feature smaller than the kernel pools globally along that axis (where D2 raises).
+
+    ``conv``: ``"bn"`` 1x1 conv without bias + BN (DL2, the original TF), ``"bias"`` conv with bias and no
+    BN (D2), ``"plain"`` conv with neither (BC).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, bn_momentum: float, bn_eps: float) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        bn_momentum: float,
+        bn_eps: float,
+        kernel: tuple[int, int] | None = None,
+        conv: str = "bn",
+        align_corners: bool = True,
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=bn_eps)
+        if conv not in POOL_CONV_KINDS:
+            raise ValueError(f"ASPP pooling conv must be one of {POOL_CONV_KINDS}, got {conv!r}")
+        if kernel is not None and (len(kernel) != 2 or min(int(k) for k in kernel) < 1):
+            raise ValueError(f"ASPP pooling kernel must be two positive sizes (h, w) or None, got {kernel!r}")
+        self.kernel = None if kernel is None else (int(kernel[0]), int(kernel[1]))
+        self.align_corners = align_corners
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=conv == "bias")
+        self.bn = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=bn_eps) if conv == "bn" else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +63,16 @@ class ASPPPooling(nn.Module):
                 "ASPP image pooling uses batch norm over the batch (SPEC §1.3): training needs at least "
                 "2 images per batch (per process without SyncBatchNorm); got 1"
             )
-        pooled = self.relu(self.bn(self.conv(x.mean(dim=(2, 3), keepdim=True))))
-        return pooled.expand(-1, -1, x.shape[2], x.shape[3])
+        height, width = x.shape[-2:]
+        if self.kernel is None or (self.kernel[0] >= height and self.kernel[1] >= width):
+            pooled = x.mean(dim=(2, 3), keepdim=True)
+        else:
+            pooled = F.avg_pool2d(x, (min(self.kernel[0], height), min(self.kernel[1], width)), stride=1)
+        pooled = self.relu(self.bn(self.conv(pooled)))
+        if pooled.shape[-2:] == (1, 1):
+            # Bilinear upsampling of a 1x1 map is a constant map for either align_corners.
+            return pooled.expand(-1, -1, height, width)
+        return resize(pooled, (height, width), self.align_corners)
 
 
 class ASPP(nn.Module):
@@ -54,6 +86,9 @@ class ASPP(nn.Module):
         *,
         dropout: float = 0.1,
         separable: bool = False,
+        pool_kernel: tuple[int, int] | None = None,
+        pool_conv: str = "bn",
+        align_corners: bool = True,
         bn_momentum: float = 0.01,
         bn_eps: float = 1e-5,
     ) -> None:
@@ -67,7 +102,11 @@ class ASPP(nn.Module):
                 branches.append(DepthwiseSeparableConv(in_channels, out_channels, 3, dilation=int(rate), **norm))
             else:
                 branches.append(ConvBNReLU(in_channels, out_channels, 3, dilation=int(rate), **norm))
-        branches.append(ASPPPooling(in_channels, out_channels, **norm))
+        branches.append(
+            ASPPPooling(
+                in_channels, out_channels, kernel=pool_kernel, conv=pool_conv, align_corners=align_corners, **norm
+            )
+        )
         self.branches = nn.ModuleList(branches)
         self.project = ConvBNReLU(out_channels * len(branches), out_channels, 1, **norm)
         self.dropout = nn.Dropout(dropout)

@@ -17,11 +17,36 @@ from urllib.parse import urlparse
 
 import timm
 import torch
+from timm.models import build_model_with_cfg, register_model
+from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
-# Feature keys returned by ``Backbone.forward`` (detectron2 naming: res2 = stride 4, res3 = stride 8).
-LOW_LEVEL_KEYS = ("res3", "res2")  # in decoder order: stride 8 first, then stride 4
+# Feature keys returned by ``Backbone.forward`` (detectron2 naming: res2 = stride 4, res3 = stride 8,
+# res4 = stride 16); the last stage is always res5, whatever its stride.
 LAST_KEY = "res5"
+
+
+def feature_key(stride: int) -> str:
+    """Key of the low-level tap at ``stride`` (4 -> res2, 8 -> res3, 16 -> res4)."""
+    return f"res{stride.bit_length() - 1}"
+
+
+@register_model
+def resnet52_deeplab(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-50 with the DeepLab stem (three 3x3 convs 64, 64, 128, then max-pool): detectron2's "R-52".
+
+    SPEC §1.2 (D2 ``projects/DeepLab/deeplab/resnet.py``, ``DeepLabStem``): timm's "deep" stem of width 64
+    is the same three convs; stride on the 3x3 conv (``STRIDE_IN_1X1 False``) as in timm's Bottleneck.
+    timm publishes no ImageNet weights for it: detectron2's own R-52 checkpoints come in through ``convert``.
+    """
+    if pretrained:
+        raise RuntimeError(
+            "timm has no ImageNet weights for resnet52_deeplab; start from a converted detectron2 checkpoint "
+            "(panoptic-deeplab convert --from d2) or pass pretrained=False"
+        )
+    args = dict(block=Bottleneck, layers=[3, 4, 6, 3], stem_width=64, stem_type="deep")
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"url": "", "num_classes": 1000, "classifier": "fc"}
+    return build_model_with_cfg(ResNet, "resnet52_deeplab", False, **dict(args, **kwargs))
 
 
 @dataclass(frozen=True)
@@ -217,9 +242,11 @@ def create_timm_features(
 
 
 class Backbone(nn.Module):
-    """Encoder returning ``{"res2": stride 4, "res3": stride 8, "res5": last stage}`` features.
+    """Encoder returning the low-level taps (``res2`` = stride 4, ``res3`` = stride 8, ``res4`` = stride 16,
+    as asked by ``low_level_strides``) and ``res5``, the last stage.
 
-    Attributes ``channels`` and ``strides`` give each tap's channel count and stride.
+    Attributes ``channels`` and ``strides`` give each tap's channel count and stride. ``multi_grid``
+    multiplies the dilation of each block of a ResNet's last stage (SPEC §1.2, D2's R52: 1, 2, 4).
     """
 
     def __init__(
@@ -228,6 +255,8 @@ class Backbone(nn.Module):
         output_stride: int = 16,
         pretrained: bool = False,
         weights_path: str | os.PathLike[str] | None = None,
+        low_level_strides: tuple[int, ...] = (8, 4),
+        multi_grid: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -236,15 +265,17 @@ class Backbone(nn.Module):
         reductions = list(info.reduction())
         channels = list(info.channels())
         taps: dict[str, int] = {}
-        for key, stride in (("res2", 4), ("res3", 8)):
-            # the deepest feature at that stride carries the most semantics (e.g. after all blocks)
-            found = [i for i, r in enumerate(reductions) if r == stride]
+        for stride in sorted(low_level_strides):
+            # The first feature at that stride: with dilation, later stages keep the stride (os8: layer3
+            # and layer4 at stride 8), but the tap is the stage that reached it by striding.
+            found = [i for i, r in enumerate(reductions[:-1]) if r == stride][:1]
             if not found:
                 raise ValueError(
-                    f"backbone {name!r} has no stride-{stride} feature (its feature strides are "
-                    f"{reductions}); Panoptic-DeepLab needs stride-4 and stride-8 taps"
+                    f"backbone {name!r} at output stride {output_stride} has no stride-{stride} feature before "
+                    f"its last stage (its feature strides are {reductions}); the decoder taps "
+                    f"{tuple(low_level_strides)} need one each"
                 )
-            taps[key] = found[-1]
+            taps[feature_key(stride)] = found[-1]
         taps[LAST_KEY] = len(reductions) - 1
         if reductions[-1] != output_stride:
             raise ValueError(
@@ -255,7 +286,32 @@ class Backbone(nn.Module):
         self.channels = {k: channels[i] for k, i in taps.items()}
         self.strides = {k: reductions[i] for k, i in taps.items()}
         self.output_stride = output_stride
+        if multi_grid is not None:
+            _apply_multi_grid(self.body, name, output_stride, tuple(multi_grid))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.body(x)
         return {k: features[i] for k, i in self.tap_indices.items()}
+
+
+def _apply_multi_grid(body: nn.Module, name: str, output_stride: int, multi_grid: tuple[int, ...]) -> None:
+    """Set the 3x3 conv dilation of block ``i`` of the last stage to ``rate * multi_grid[i]``.
+
+    ``rate`` is the stage's atrous rate (2 at output stride 16, 1 at 32): D2 ``build_resnet_deeplab_backbone``
+    with ``RES5_DILATION`` and ``RES5_MULTI_GRID``. Only ResNet bottleneck stages (``layer4``) have it.
+    """
+    stage = getattr(body, "layer4", None)
+    blocks = list(stage) if isinstance(stage, nn.Sequential) else []
+    if not blocks or not all(isinstance(getattr(b, "conv2", None), nn.Conv2d) for b in blocks):
+        raise ValueError(f"multi_grid needs a ResNet-style backbone (layer4 of bottleneck blocks); {name!r} is not one")
+    if len(multi_grid) != len(blocks) or any(int(m) < 1 for m in multi_grid):
+        raise ValueError(
+            f"multi_grid needs one positive multiplier per block of the last stage ({len(blocks)} for {name!r}), "
+            f"got {multi_grid}"
+        )
+    rate = 32 // output_stride
+    for block, multiplier in zip(blocks, multi_grid):
+        dilation = rate * int(multiplier)
+        conv = block.conv2
+        conv.dilation = (dilation, dilation)
+        conv.padding = (dilation * (conv.kernel_size[0] // 2), dilation * (conv.kernel_size[1] // 2))

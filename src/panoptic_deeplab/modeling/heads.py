@@ -13,8 +13,9 @@ HEAD_KINDS = ("dsconv", "d2")
 class PredictionHead(nn.Module):
     """``tower`` (5x5 DSConv to ``head_channels``, or D2's two 3x3 convs) then ``predictor`` (1x1).
 
-    ``kind="d2"`` is detectron2's center head: 3x3 conv ``in -> in`` and 3x3 conv ``in -> head_channels``,
-    each with BN + ReLU. Outputs are linear: logits, raw center heatmap, raw offsets.
+    ``kind="d2"`` is detectron2's two-conv tower (its center head always, its semantic and offset heads in
+    the non-DSConv models): 3x3 conv ``in -> in`` and 3x3 conv ``in -> head_channels``, each with BN + ReLU.
+    Outputs are linear: logits, raw center heatmap, raw offsets.
     """
 
     def __init__(

@@ -7,8 +7,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .aspp import default_aspp_rates
-from .backbone import Backbone
-from .decoder import PanopticDeepLabDecoder
+from .backbone import LAST_KEY, Backbone, feature_key
+from .decoder import FUSION_KINDS, PanopticDeepLabDecoder
 from .heads import HEAD_KINDS, PredictionHead
 from .layers import resize, resize_offset
 
@@ -41,42 +41,53 @@ class PanopticDeepLab(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
         self.backbone = Backbone(
-            cfg.backbone, cfg.output_stride, pretrained=cfg.pretrained, weights_path=cfg.backbone_weights
+            cfg.backbone,
+            cfg.output_stride,
+            pretrained=cfg.pretrained,
+            weights_path=cfg.backbone_weights,
+            low_level_strides=tuple(cfg.low_level_strides),
+            multi_grid=None if cfg.multi_grid is None else tuple(cfg.multi_grid),
         )
         channels = self.backbone.channels
         rates = tuple(cfg.aspp_rates) if cfg.aspp_rates is not None else default_aspp_rates(cfg.output_stride)
         norm = dict(bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
         common = dict(
+            low_level_strides=tuple(cfg.low_level_strides),
             aspp_channels=cfg.aspp_channels,
             aspp_rates=rates,
             aspp_dropout=cfg.aspp_dropout,
             aspp_separable=cfg.aspp_separable,
+            aspp_pool_kernel=None if cfg.aspp_pool_kernel is None else tuple(cfg.aspp_pool_kernel),
+            aspp_pool_conv=cfg.aspp_pool_conv,
+            fusion=cfg.decoder_fusion,
             concat_low_level_first=cfg.concat_low_level_first,
             align_corners=cfg.align_corners,
             **norm,
         )
-        low_in = (channels["res3"], channels["res2"])
+        low_in = tuple(channels[feature_key(s)] for s in cfg.low_level_strides)
         self.semantic_decoder = PanopticDeepLabDecoder(
-            channels["res5"],
+            channels[LAST_KEY],
             low_in,
             tuple(cfg.semantic_low_level_channels),
             cfg.semantic_decoder_channels,
             **common,
         )
         self.instance_decoder = PanopticDeepLabDecoder(
-            channels["res5"],
+            channels[LAST_KEY],
             low_in,
             tuple(cfg.instance_low_level_channels),
             cfg.instance_decoder_channels,
             **common,
         )
         self.semantic_head = PredictionHead(
-            cfg.semantic_decoder_channels, cfg.semantic_head_channels, cfg.num_classes, **norm
+            cfg.semantic_decoder_channels, cfg.semantic_head_channels, cfg.num_classes, kind=cfg.semantic_head, **norm
         )
         self.center_head = PredictionHead(
             cfg.instance_decoder_channels, cfg.instance_head_channels, 1, kind=cfg.center_head, **norm
         )
-        self.offset_head = PredictionHead(cfg.instance_decoder_channels, cfg.instance_head_channels, 2, **norm)
+        self.offset_head = PredictionHead(
+            cfg.instance_decoder_channels, cfg.instance_head_channels, 2, kind=cfg.offset_head, **norm
+        )
         for module in (self.semantic_decoder, self.instance_decoder):
             _init_convs(module, cfg.init)
         for head in (self.semantic_head, self.center_head, self.offset_head):
@@ -107,8 +118,22 @@ class PanopticDeepLab(nn.Module):
 def _validate(cfg: ModelConfig) -> None:
     if not 1 <= cfg.num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must lie in [1, {MAX_CLASSES}], got {cfg.num_classes}")
-    if cfg.center_head not in HEAD_KINDS:
-        raise ValueError(f"center_head must be one of {HEAD_KINDS}, got {cfg.center_head!r}")
+    for name in ("semantic_head", "center_head", "offset_head"):
+        if getattr(cfg, name) not in HEAD_KINDS:
+            raise ValueError(f"{name} must be one of {HEAD_KINDS}, got {getattr(cfg, name)!r}")
+    if cfg.decoder_fusion not in FUSION_KINDS:
+        raise ValueError(f"decoder_fusion must be one of {FUSION_KINDS}, got {cfg.decoder_fusion!r}")
+    strides = tuple(cfg.low_level_strides)
+    if not strides or list(strides) != sorted(set(strides), reverse=True) or strides[0] >= cfg.output_stride:
+        raise ValueError(
+            f"low_level_strides must be distinct strides below the output stride {cfg.output_stride}, deepest "
+            f"first (e.g. (8, 4)), got {strides}"
+        )
+    for name in ("semantic_low_level_channels", "instance_low_level_channels"):
+        if len(getattr(cfg, name)) != len(strides):
+            raise ValueError(
+                f"{name} needs one width per decoder tap {strides}, got {tuple(getattr(cfg, name))}"
+            )
     if cfg.init not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {cfg.init!r}")
     for name in ("aspp_channels", "semantic_decoder_channels", "semantic_head_channels",
