@@ -46,7 +46,8 @@ def read(path: Path) -> dict[str, Tensor]:
         raise ConversionError(f"{path} is not a {TITLE} checkpoint: expected a state dict")
     state = data.get("state_dict", data)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise wrong_family_error(path, NAME, list(data))
+        inner = data.get("model") if isinstance(data.get("model"), dict) else data  # D2 keeps its tensors there
+        raise wrong_family_error(path, NAME, list(inner))
     state = strip_prefix(as_tensor_dict(state, str(path)), "module.")
     if "decoder.semantic_head.classifier.semantic.1.weight" not in state:
         raise wrong_family_error(path, NAME, state)

@@ -131,15 +131,15 @@ def _show(items: list[str], limit: int = 12) -> str:
 # Reading files without running code
 # ---------------------------------------------------------------------------------------------------
 
-# What a pickle of numpy arrays (D2's model-zoo .pkl) may reference; anything else is refused.
+# What a pickle of numpy arrays (D2's model-zoo .pkl) may reference; anything else is refused. Pickles name
+# numpy's internals by the module of the numpy that wrote them (numpy.core before 2.0, numpy._core since).
+_multiarray = getattr(np, "_core", None) or np.core
 _SAFE_PICKLE_GLOBALS = {
     ("collections", "OrderedDict"): OrderedDict,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
-    ("numpy.core.multiarray", "scalar"): np.core.multiarray.scalar,
-    ("numpy._core.multiarray", "scalar"): np.core.multiarray.scalar,
+    **{(f"{package}.multiarray", name): getattr(_multiarray.multiarray, name)
+       for package in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")},
 }
 
 
@@ -177,8 +177,11 @@ def read_reference_file(path: str | os.PathLike[str], what: str) -> Any:
         if head[:1] == b"\x80":  # a pickle: D2 .pkl, or a legacy torch file
             try:
                 return read_pickle_of_arrays(path)
-            except pickle.UnpicklingError:
-                return read_torch_file(path)
+            except pickle.UnpicklingError as refused:
+                try:
+                    return read_torch_file(path)
+                except (pickle.UnpicklingError, RuntimeError):
+                    raise ConversionError(f"{path}: {refused} (a pickle that could run code is never opened)") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConversionError(f"cannot read {path} as a {what} checkpoint (truncated or not a checkpoint): {first}") from None

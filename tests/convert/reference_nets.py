@@ -1,0 +1,305 @@
+"""Independent functional re-computations of the reference networks, for the converter tests.
+
+Each reference is written twice here, from its sources (cited per function) and without this package's
+modules: a list of its state-dict entries with their shapes (the on-disk layout), and a forward pass in plain
+``torch.nn.functional`` that reads those entries by the reference's own names. The tests fill the entries with
+random weights and random batch-norm statistics, save them in the reference's container format, convert the
+file and compare our model's raw outputs with this forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+State = dict[str, Tensor]
+Shapes = dict[str, tuple[int, ...]]
+
+
+def conv_shapes(shapes: Shapes, name: str, cin: int, cout: int, k: int, *, groups: int = 1, bias: bool = False,
+                norm: str | None = None) -> None:
+    """A conv's weight (and bias), and its batch norm's four tensors + counter at ``norm``."""
+    shapes[f"{name}.weight"] = (cout, cin // groups, k, k)
+    if bias:
+        shapes[f"{name}.bias"] = (cout,)
+    if norm is not None:
+        for t in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{norm}.{t}"] = (cout,)
+        shapes[f"{norm}.num_batches_tracked"] = ()
+
+
+def random_state(shapes: Shapes, seed: int) -> State:
+    """Random weights scaled to keep activations near 1, random BN statistics (scale below 1 for deep nets)."""
+    g = torch.Generator().manual_seed(seed)
+    state: State = {}
+    for name, shape in shapes.items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(1000)
+        elif name.endswith("running_var"):
+            state[name] = torch.rand(shape, generator=g) + 0.5
+        elif name.endswith(("running_mean", ".bias")):
+            state[name] = torch.randn(shape, generator=g) * 0.1
+        elif len(shape) == 1:
+            state[name] = torch.rand(shape, generator=g) * 0.4 + 0.3
+        else:
+            fan_in = shape[1] * shape[2] * shape[3]
+            state[name] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+    return state
+
+
+def conv(x: Tensor, sd: State, name: str, *, norm: str | None = None, relu: bool = True, stride: int = 1,
+         padding: int = 0, dilation: int = 1, groups: int = 1, eps: float = 1e-5) -> Tensor:
+    x = F.conv2d(x, sd[f"{name}.weight"], sd.get(f"{name}.bias"), stride, padding, dilation, groups)
+    if norm is not None:
+        x = F.batch_norm(x, sd[f"{norm}.running_mean"], sd[f"{norm}.running_var"], sd[f"{norm}.weight"],
+                         sd[f"{norm}.bias"], False, 0.0, eps)
+    return F.relu(x) if relu else x
+
+
+# ---------------------------------------------------------------------------------------------------
+# detectron2 (projects/Panoptic-DeepLab, projects/DeepLab, detectron2/layers)
+# ---------------------------------------------------------------------------------------------------
+
+D2_BLOCKS = (3, 4, 6, 3)
+
+
+def d2_shapes(num_classes: int, dsconv: bool) -> Shapes:
+    """The state dict of ``PanopticDeepLab`` with the R52 configs (``Conv2d`` norms at ``<conv>.norm``)."""
+    s: Shapes = {}
+
+    def c(name: str, cin: int, cout: int, k: int, **kw) -> None:
+        conv_shapes(s, name, cin, cout, k, norm=f"{name}.norm", **kw)
+
+    def sep(name: str, cin: int, cout: int, k: int) -> None:  # DepthwiseSeparableConv2d
+        c(f"{name}.depthwise", cin, cin, k, groups=cin)
+        c(f"{name}.pointwise", cin, cout, 1)
+
+    def two(name: str, cin: int, cout: int) -> None:
+        c(f"{name}.0", cin, cout, 3)
+        c(f"{name}.1", cout, cout, 3)
+
+    # DeepLabStem (projects/DeepLab/deeplab/resnet.py)
+    c("backbone.stem.conv1", 3, 64, 3)
+    c("backbone.stem.conv2", 64, 64, 3)
+    c("backbone.stem.conv3", 64, 128, 3)
+    cin = 128
+    for stage, blocks in enumerate(D2_BLOCKS, start=2):
+        width = 64 * 2 ** (stage - 2)
+        for j in range(blocks):
+            name = f"backbone.res{stage}.{j}"
+            if j == 0:
+                c(f"{name}.shortcut", cin, width * 4, 1)
+            c(f"{name}.conv1", cin, width, 1)
+            c(f"{name}.conv2", width, width, 3)
+            c(f"{name}.conv3", width, width * 4, 1)
+            cin = width * 4
+    for head, channels, head_channels in (("sem_seg_head", 256, 256), ("ins_embed_head", 128, 32)):
+        aspp = f"{head}.decoder.res5.project_conv"
+        c(f"{aspp}.convs.0", 2048, 256, 1)
+        for i in (1, 2, 3):
+            (sep if dsconv else c)(f"{aspp}.convs.{i}", 2048, 256, 3)
+        conv_shapes(s, f"{aspp}.convs.4.1", 2048, 256, 1, bias=True)
+        c(f"{aspp}.project", 5 * 256, 256, 1)
+        running = 256
+        for tap, cin, proj in (("res3", 512, 64), ("res2", 256, 32)):  # PROJECT_CHANNELS [32, 64]
+            c(f"{head}.decoder.{tap}.project_conv", cin, proj, 1)
+            if dsconv:
+                sep(f"{head}.decoder.{tap}.fuse_conv", proj + running, channels, 5)
+            else:
+                two(f"{head}.decoder.{tap}.fuse_conv", proj + running, channels)
+            running = channels
+    if dsconv:
+        sep("sem_seg_head.head", 256, 256, 5)
+        sep("ins_embed_head.offset_head", 128, 32, 5)
+    else:
+        c("sem_seg_head.head.0", 256, 256, 3)
+        c("sem_seg_head.head.1", 256, 256, 3)
+        c("ins_embed_head.offset_head.0", 128, 128, 3)
+        c("ins_embed_head.offset_head.1", 128, 32, 3)
+    c("ins_embed_head.center_head.0", 128, 128, 3)
+    c("ins_embed_head.center_head.1", 128, 32, 3)
+    conv_shapes(s, "sem_seg_head.predictor", 256, num_classes, 1, bias=True)
+    conv_shapes(s, "ins_embed_head.center_predictor", 32, 1, 1, bias=True)
+    conv_shapes(s, "ins_embed_head.offset_predictor", 32, 2, 1, bias=True)
+    return s
+
+
+def d2_forward(sd: State, image255: Tensor, dsconv: bool, pool_kernel: tuple[int, int],
+               size_divisibility: int = 0) -> dict[str, Tensor]:
+    """``PanopticDeepLab.forward`` at inference on one RGB image ``[3, H, W]`` in 0..255 (panoptic_seg.py)."""
+    mean = torch.tensor([123.675, 116.280, 103.530]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.120, 57.375]).view(3, 1, 1)
+    height, width = image255.shape[-2:]
+    x = ((image255 - mean) / std)[None]
+    if size_divisibility:  # ImageList.from_tensors pads bottom/right with 0
+        x = F.pad(x, (0, (-width) % size_divisibility, 0, (-height) % size_divisibility))
+
+    def cn(x: Tensor, name: str, relu: bool = True, **kw) -> Tensor:
+        return conv(x, sd, name, norm=f"{name}.norm", relu=relu, **kw)
+
+    def sep(x: Tensor, name: str, k: int, dilation: int = 1) -> Tensor:
+        x = cn(x, f"{name}.depthwise", padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
+        return cn(x, f"{name}.pointwise")
+
+    def tower(x: Tensor, name: str) -> Tensor:
+        return sep(x, name, 5) if dsconv else cn(cn(x, f"{name}.0", padding=1), f"{name}.1", padding=1)
+
+    # ResNet (projects/DeepLab/deeplab/resnet.py: DeepLabStem, BottleneckBlock with stride in the 3x3)
+    x = cn(x, "backbone.stem.conv1", stride=2, padding=1)
+    x = cn(x, "backbone.stem.conv2", padding=1)
+    x = cn(x, "backbone.stem.conv3", padding=1)
+    x = F.max_pool2d(x, 3, 2, 1)
+    features = {}
+    for stage, blocks in enumerate(D2_BLOCKS, start=2):
+        for j in range(blocks):
+            name = f"backbone.res{stage}.{j}"
+            stride = 2 if j == 0 and stage in (3, 4) else 1
+            dilation = 2 * (1, 2, 4)[j] if stage == 5 else 1  # RES5_DILATION 2, RES5_MULTI_GRID [1, 2, 4]
+            shortcut = cn(x, f"{name}.shortcut", relu=False, stride=stride) if j == 0 else x
+            out = cn(x, f"{name}.conv1")
+            out = cn(out, f"{name}.conv2", stride=stride, padding=dilation, dilation=dilation)
+            out = cn(out, f"{name}.conv3", relu=False)
+            x = F.relu(out + shortcut)
+        features[f"res{stage}"] = x
+
+    def decoder(head: str) -> Tensor:
+        # DeepLabV3PlusHead.layers + ASPP.forward (detectron2/layers/aspp.py)
+        aspp = f"{head}.decoder.res5.project_conv"
+        f5 = features["res5"]
+        branches = [cn(f5, f"{aspp}.convs.0")]
+        for i, rate in zip((1, 2, 3), (6, 12, 18)):
+            branches.append(sep(f5, f"{aspp}.convs.{i}", 3, rate) if dsconv
+                            else cn(f5, f"{aspp}.convs.{i}", padding=rate, dilation=rate))
+        pooled = conv(F.avg_pool2d(f5, pool_kernel, stride=1), sd, f"{aspp}.convs.4.1")
+        branches.append(F.interpolate(pooled, size=f5.shape[-2:], mode="bilinear", align_corners=False))
+        y = cn(torch.cat(branches, 1), f"{aspp}.project")
+        for tap in ("res3", "res2"):
+            proj = cn(features[tap], f"{head}.decoder.{tap}.project_conv")
+            y = F.interpolate(y, size=proj.shape[-2:], mode="bilinear", align_corners=False)
+            y = tower(torch.cat([proj, y], 1), f"{head}.decoder.{tap}.fuse_conv")
+        return y
+
+    semantic = conv(tower(decoder("sem_seg_head"), "sem_seg_head.head"), sd, "sem_seg_head.predictor", relu=False)
+    instance = decoder("ins_embed_head")
+    center_tower = cn(cn(instance, "ins_embed_head.center_head.0", padding=1), "ins_embed_head.center_head.1", padding=1)
+    center = conv(center_tower, sd, "ins_embed_head.center_predictor", relu=False)
+    offset = conv(tower(instance, "ins_embed_head.offset_head"), sd, "ins_embed_head.offset_predictor", relu=False)
+
+    def up(t: Tensor) -> Tensor:
+        return F.interpolate(t, scale_factor=4, mode="bilinear", align_corners=False)[..., :height, :width]
+
+    return {"semantic": up(semantic), "center": up(center), "offset": up(offset) * 4}
+
+
+# ---------------------------------------------------------------------------------------------------
+# bowenc0221/panoptic-deeplab (segmentation/model)
+# ---------------------------------------------------------------------------------------------------
+
+BC_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+
+
+def bc_shapes(backbone: str, num_classes: int) -> Shapes:
+    """The state dict of ``PanopticDeepLab`` with the R50/R101-os32 configs (``nn.Sequential`` indices)."""
+    s: Shapes = {}
+
+    def seq(name: str, cin: int, cout: int, k: int, groups: int = 1) -> None:  # Sequential(conv, BN, ReLU)
+        conv_shapes(s, f"{name}.0", cin, cout, k, groups=groups, norm=f"{name}.1")
+
+    def sep(name: str, cin: int, cout: int) -> None:  # stacked_conv(depthwise_separable_conv, num_stack=1)
+        seq(f"{name}.0.0", cin, cin, 5, groups=cin)
+        conv_shapes(s, f"{name}.0.1", cin, cout, 1, norm=f"{name}.0.2")
+
+    # TorchVision ResNet (segmentation/model/backbone/resnet.py), no fc
+    conv_shapes(s, "backbone.conv1", 3, 64, 7, norm="backbone.bn1")
+    cin = 64
+    for stage, blocks in enumerate(BC_BLOCKS[backbone], start=1):
+        width = 64 * 2 ** (stage - 1)
+        for j in range(blocks):
+            name = f"backbone.layer{stage}.{j}"
+            conv_shapes(s, f"{name}.conv1", cin, width, 1, norm=f"{name}.bn1")
+            conv_shapes(s, f"{name}.conv2", width, width, 3, norm=f"{name}.bn2")
+            conv_shapes(s, f"{name}.conv3", width, width * 4, 1, norm=f"{name}.bn3")
+            if j == 0:
+                conv_shapes(s, f"{name}.downsample.0", cin, width * 4, 1, norm=f"{name}.downsample.1")
+            cin = width * 4
+    for branch, projections, channels in (("semantic_decoder", (128, 64, 32), 256),
+                                          ("instance_decoder", (64, 32, 16), 128)):
+        aspp = f"decoder.{branch}.aspp"
+        seq(f"{aspp}.convs.0", 2048, 256, 1)
+        for i in (1, 2, 3):
+            seq(f"{aspp}.convs.{i}", 2048, 256, 3)
+        conv_shapes(s, f"{aspp}.convs.4.aspp_pooling.1", 2048, 256, 1)
+        seq(f"{aspp}.project", 5 * 256, 256, 1)
+        running = 256
+        for i, (cin, proj) in enumerate(zip((1024, 512, 256), projections)):
+            seq(f"decoder.{branch}.project.{i}", cin, proj, 1)
+            sep(f"decoder.{branch}.fuse.{i}", running + proj, channels)
+            running = channels
+    for name, cin, head, cout in (("semantic_head.classifier.semantic", 256, 256, num_classes),
+                                  ("instance_head.classifier.center", 128, 32, 1),
+                                  ("instance_head.classifier.offset", 128, 32, 2)):
+        sep(f"decoder.{name}.0", cin, head)
+        conv_shapes(s, f"decoder.{name}.1", head, cout, 1, bias=True)
+    return s
+
+
+def bc_forward(sd: State, image: Tensor, backbone: str) -> dict[str, Tensor]:
+    """``BaseSegmentationModel.forward`` + ``PanopticDeepLab._upsample_predictions`` at os32, image ``[3, H, W]``
+    in [0, 1] normalised with the configs' ImageNet mean/std."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    x = ((image - mean) / std)[None]
+
+    def seq(x: Tensor, name: str, **kw) -> Tensor:
+        return conv(x, sd, f"{name}.0", norm=f"{name}.1", **kw)
+
+    def sep(x: Tensor, name: str) -> Tensor:
+        x = seq(x, f"{name}.0.0", padding=2, groups=x.shape[1])
+        return conv(x, sd, f"{name}.0.1", norm=f"{name}.0.2")
+
+    x = conv(x, sd, "backbone.conv1", norm="backbone.bn1", stride=2, padding=3)
+    x = F.max_pool2d(x, 3, 2, 1)
+    features = {}
+    for stage, blocks in enumerate(BC_BLOCKS[backbone], start=1):
+        for j in range(blocks):
+            name = f"backbone.layer{stage}.{j}"
+            stride = 2 if j == 0 and stage > 1 else 1
+            identity = x
+            if j == 0:
+                identity = conv(x, sd, f"{name}.downsample.0", norm=f"{name}.downsample.1", relu=False, stride=stride)
+            out = conv(x, sd, f"{name}.conv1", norm=f"{name}.bn1")
+            out = conv(out, sd, f"{name}.conv2", norm=f"{name}.bn2", stride=stride, padding=1)
+            out = conv(out, sd, f"{name}.conv3", norm=f"{name}.bn3", relu=False)
+            x = F.relu(out + identity)
+        features[f"res{stage + 1}"] = x
+
+    def decoder(branch: str) -> Tensor:
+        aspp = f"decoder.{branch}.aspp"
+        f5 = features["res5"]
+        branches = [seq(f5, f"{aspp}.convs.0")]
+        branches += [seq(f5, f"{aspp}.convs.{i}", padding=r, dilation=r) for i, r in zip((1, 2, 3), (3, 6, 9))]
+        pooled = conv(F.adaptive_avg_pool2d(f5, 1), sd, f"{aspp}.convs.4.aspp_pooling.1")
+        branches.append(F.interpolate(pooled, size=f5.shape[-2:], mode="bilinear", align_corners=True))
+        y = seq(torch.cat(branches, 1), f"{aspp}.project")
+        for i, tap in enumerate(("res4", "res3", "res2")):
+            low = seq(features[tap], f"decoder.{branch}.project.{i}")
+            y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=True)
+            y = sep(torch.cat([y, low], 1), f"decoder.{branch}.fuse.{i}")
+        return y
+
+    def head(y: Tensor, name: str) -> Tensor:
+        return conv(sep(y, f"decoder.{name}.0"), sd, f"decoder.{name}.1", relu=False)
+
+    semantic = head(decoder("semantic_decoder"), "semantic_head.classifier.semantic")
+    instance = decoder("instance_decoder")
+    outputs = {"semantic": semantic, "center": head(instance, "instance_head.classifier.center"),
+               "offset": head(instance, "instance_head.classifier.offset")}
+    size = image.shape[-2:]
+    result = {}
+    for key, value in outputs.items():
+        out = F.interpolate(value, size=size, mode="bilinear", align_corners=True)
+        if key == "offset":
+            out = out * ((size[0] - 1) // (value.shape[2] - 1))
+        result[key] = out
+    return result
