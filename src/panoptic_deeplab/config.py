@@ -29,6 +29,9 @@ class ModelConfig:
     backbone: str = "mobilenetv3_large"  # a preset name or any timm model name
     pretrained: bool = True  # timm ImageNet weights (needs the network or backbone_weights)
     backbone_weights: str | None = None  # local file with the backbone's ImageNet weights
+    # Fine-tuning: start training from this checkpoint's weights (trained here or made by `convert`); tensors
+    # whose shape differs (a semantic predictor for another number of classes) keep their initialisation.
+    init_checkpoint: str | None = None
     num_classes: int = 19
     output_stride: int = 16  # 16 or 32
     # Dilation multipliers of the last stage's blocks (ResNets only): D2's R52 uses (1, 2, 4) at os16.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -17,7 +18,7 @@ from panoptic_deeplab.cli import main as cli_main
 from panoptic_deeplab.config import load_config
 from panoptic_deeplab.data.coco_panoptic import DatasetError
 from panoptic_deeplab.inference.predictor import Predictor
-from panoptic_deeplab.engine import Trainer, TrainingDivergedError, load_checkpoint, poly_lr_factor, train
+from panoptic_deeplab.engine import CheckpointError, Trainer, TrainingDivergedError, load_checkpoint, poly_lr_factor, train
 from panoptic_deeplab.engine.trainer import state_dict_digest
 from panoptic_deeplab.modeling.losses import PanopticDeepLabLoss
 
@@ -161,3 +162,27 @@ def test_torchrun_two_processes_gloo(tiny_overrides: list[str], tmp_path: Path) 
     assert state_dict_digest(ckpt["model"]) == match.group(1)
     assert len(ckpt["rng"]) == 2  # one RNG state per rank
     assert "4 images per step" in log  # 2 per process x 2 processes
+
+
+def test_fine_tune_from_a_checkpoint(make_cfg, tmp_path: Path) -> None:
+    """model.init_checkpoint: training starts from a checkpoint's weights; other-shaped tensors stay initialised."""
+    first = make_cfg("solver.max_iter=1", "train.checkpoint_period=1", f"train.output_dir={tmp_path / 'first'}")
+    train(first)
+    source = load_checkpoint(tmp_path / "first" / "model_0000001.pt")["model"]
+
+    from panoptic_deeplab.engine.checkpoint import initialize_from
+    from panoptic_deeplab.modeling import build_model
+
+    other_classes = dataclasses.replace(first.model, num_classes=first.model.num_classes + 2, pretrained=False)
+    model = build_model(other_classes)
+    kept = initialize_from(model, tmp_path / "first" / "model_0000001.pt")
+    assert kept == ["semantic_head.predictor.bias", "semantic_head.predictor.weight"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], source[k]) for k in source if k not in kept)
+
+    tuned = train(make_cfg("solver.max_iter=1", f"model.init_checkpoint={tmp_path / 'first' / 'model_0000001.pt'}",
+                           f"train.output_dir={tmp_path / 'tuned'}"))
+    assert tuned.iteration == 1
+    other = dataclasses.replace(first.model, backbone="resnet18", pretrained=False)
+    with pytest.raises(CheckpointError, match="its weights belong to another architecture"):
+        initialize_from(build_model(other), tmp_path / "first" / "model_0000001.pt")

@@ -75,6 +75,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     return ckpt
 
 
+def initialize_from(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
+    """Copy a checkpoint's weights into ``model`` for fine-tuning; returns the names left as initialised.
+
+    Names must match (the checkpoint's architecture options are the model's); a tensor whose shape differs,
+    such as the semantic predictor of a model with other classes, is left as it is and named in the result.
+    """
+    checkpoint = load_checkpoint(path)
+    source = checkpoint["model"]
+    target = model.state_dict()
+    missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"model.init_checkpoint {path}: its weights belong to another architecture (missing: "
+            f"{', '.join(missing[:8]) or 'none'}; unexpected: {', '.join(unexpected[:8]) or 'none'}); start from "
+            "the config saved in that checkpoint"
+        )
+    kept = sorted(k for k in target if source[k].shape != target[k].shape)
+    model.load_state_dict({k: v for k, v in source.items() if k not in kept}, strict=False)
+    return kept
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     """Periodic checkpoints in ``directory`` as ``(iteration, path)``, oldest first."""
     directory = Path(directory)

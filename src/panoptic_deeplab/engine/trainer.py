@@ -11,6 +11,8 @@ uninterrupted one and ends with the same weights (with the same number of proces
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
@@ -129,7 +131,14 @@ class Trainer:
         # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's), then a
         # rank-specific one so that dropout differs between ranks.
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.model)
+        if cfg.model.init_checkpoint:
+            # The checkpoint's weights replace the ImageNet ones: do not fetch those.
+            model = build_model(dataclasses.replace(cfg.model, pretrained=False, backbone_weights=None))
+            kept = ckpt_io.initialize_from(model, cfg.model.init_checkpoint)
+            logger.info("initialised from %s%s", cfg.model.init_checkpoint,
+                        f"; kept the new initialisation of {', '.join(kept)} (other shapes)" if kept else "")
+        else:
+            model = build_model(cfg.model)
         seed_everything(cfg.train.seed + self.dist.rank)
         self.model = wrap_model(model, self.dist)
         self.criterion = PanopticDeepLabLoss(cfg.loss)
