@@ -155,6 +155,14 @@ def test_initialisation(tiny_config) -> None:
         ({"num_classes": 256}, "num_classes"),
         ({"center_head": "sigmoid"}, "center_head"),
         ({"init": "xavier"}, "init"),
+        ({"offset_head": "mlp"}, "offset_head must be one of"),
+        ({"decoder_fusion": "sum"}, "decoder_fusion must be one of"),
+        ({"low_level_strides": (4, 8)}, r"low_level_strides must be distinct strides below the output stride 16, "
+                                        r"deepest first \(e.g. \(8, 4\)\), got \(4, 8\)"),
+        ({"low_level_strides": (16, 8, 4)}, "below the output stride 16"),
+        ({"low_level_strides": (8,)}, r"semantic_low_level_channels needs one width per decoder tap \(8,\)"),
+        ({"multi_grid": (1, 2, 4)}, "multi_grid needs a ResNet-style backbone"),
+        ({"aspp_pool_conv": "gn"}, "ASPP pooling conv must be one of"),
     ],
 )
 def test_bad_config(tiny_config, overrides: dict, message: str) -> None:
@@ -175,3 +183,16 @@ def test_exports() -> None:
     assert panoptic_deeplab.PanopticDeepLab is PanopticDeepLab
     model = build_model(ModelConfig(backbone="mobilenetv3_large", pretrained=False, num_classes=3))
     assert isinstance(model, PanopticDeepLab) and model.num_classes == 3
+
+
+def test_multi_grid_sets_the_last_stage_dilations() -> None:
+    """D2's R52: res5 blocks at dilations 2 * (1, 2, 4) at output stride 16 (SPEC §1.2)."""
+    with torch.device("meta"):
+        model = build_model(ModelConfig(backbone="resnet52_deeplab", pretrained=False, multi_grid=(1, 2, 4)))
+    layer4 = model.backbone.body.layer4
+    assert [(b.conv2.dilation, b.conv2.padding) for b in layer4] == [((2, 2), (2, 2)), ((4, 4), (4, 4)), ((8, 8), (8, 8))]
+    assert tuple(model.backbone.body.conv1[6].weight.shape) == (128, 64, 3, 3)  # the DeepLab stem's third conv
+    with pytest.raises(ValueError, match=r"one positive multiplier per block of the last stage \(3 for"):
+        build_model(ModelConfig(backbone="resnet52_deeplab", pretrained=False, multi_grid=(1, 2)))
+    with pytest.raises(RuntimeError, match="timm has no ImageNet weights for resnet52_deeplab"):
+        build_model(ModelConfig(backbone="resnet52_deeplab", pretrained=True))

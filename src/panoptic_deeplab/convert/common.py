@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from panoptic_deeplab.modeling.backbone import summarize_names
+
 # BN buffers that carry no information for inference and that some writers drop (D2 model-zoo .pkl files).
 OPTIONAL_SUFFIXES = (".num_batches_tracked",)
 
@@ -85,7 +87,7 @@ def load_strict(
     missing_ours = sorted(k for k in target if k not in filled and not k.endswith(OPTIONAL_SUFFIXES))
     unmapped = sorted(filled - set(target))
     if unmapped:  # a bug in a converter: it names parameters the model does not have
-        raise KeyError(f"key map names parameters the model does not have: {_show(unmapped)}")
+        raise KeyError(f"key map names parameters the model does not have: {summarize_names(unmapped)}")
     used = {theirs for theirs, _ in key_map.entries.values()}
     absent = sorted(
         theirs for ours, (theirs, _) in key_map.entries.items()
@@ -111,20 +113,16 @@ def load_strict(
         converted[ours] = value.reshape(target[ours].shape).to(target[ours].dtype)
     problems = []
     if absent:
-        problems.append(f"missing in the file: {_show(absent)}")
+        problems.append(f"missing in the file: {summarize_names(absent)}")
     if unexpected:
-        problems.append(f"unexpected in the file (not part of this architecture): {_show(unexpected)}")
+        problems.append(f"unexpected in the file (not part of this architecture): {summarize_names(unexpected)}")
     if wrong_shape:
-        problems.append(f"wrong shapes: {_show(sorted(wrong_shape))}")
+        problems.append(f"wrong shapes: {summarize_names(sorted(wrong_shape))}")
     if missing_ours:
-        problems.append(f"model parameters left unfilled: {_show(missing_ours)}")
+        problems.append(f"model parameters left unfilled: {summarize_names(missing_ours)}")
     if problems:
         raise ConversionError(f"{what}: the weights do not match the architecture: " + "; ".join(problems))
     model.load_state_dict(converted, strict=False)
-
-
-def _show(items: list[str], limit: int = 12) -> str:
-    return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -152,6 +152,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return obj
 
 
+def summarize_names(items: list[str], limit: int = 10) -> str:
+    """The first ``limit`` names, comma-separated, and how many there are in all when more."""
+    return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
+
+
 def _check_weights(path: str, preset: BackbonePreset, state_dict: dict[str, torch.Tensor]) -> None:
     """Compare a file's tensors with timm's classification model; raise listing every mismatch.
 
@@ -170,17 +175,13 @@ def _check_weights(path: str, preset: BackbonePreset, state_dict: dict[str, torc
         if state_dict[k].shape != reference[k].shape
     )
     if missing or unexpected or wrong_shape:
-
-        def show(items: list[str]) -> str:
-            return ", ".join(items[:10]) + (f" ... ({len(items)} in all)" if len(items) > 10 else "")
-
         problems = []
         if missing:
-            problems.append(f"missing keys: {show(missing)}")
+            problems.append(f"missing keys: {summarize_names(missing)}")
         if unexpected:
-            problems.append(f"unexpected keys: {show(unexpected)}")
+            problems.append(f"unexpected keys: {summarize_names(unexpected)}")
         if wrong_shape:
-            problems.append(f"wrong shapes: {show(wrong_shape)}")
+            problems.append(f"wrong shapes: {summarize_names(wrong_shape)}")
         raise ValueError(
             f"backbone weights {path!r} do not match timm model {preset.timm_name!r} "
             f"(expected the state dict of timm.create_model({preset.timm_name!r})): " + "; ".join(problems)
@@ -217,6 +218,12 @@ def create_timm_features(
             return timm.create_model(preset.timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         if not pretrained:
             return timm.create_model(preset.timm_name, pretrained=False, **kwargs)
+        published = timm.models.get_pretrained_cfg(preset.timm_name)
+        if published is None or not (published.hf_hub_id or published.url or published.file):
+            raise RuntimeError(
+                f"timm has no ImageNet weights for {preset.timm_name}: pass backbone_weights=PATH, start from a "
+                "converted checkpoint (model.init_checkpoint, see docs/MODEL_ZOO.md) or pretrained=False"
+            )
         offline = _hub_offline_requested() or not _hub_reachable()
         try:
             with _hub_offline(offline):
