@@ -89,7 +89,7 @@ def convert_checkpoint(
     model = build_model(model_cfg)
     load_strict(model, state, module.key_map(model, state), what=f"{path} ({module.TITLE})")
     cfg = Config(model=model_cfg, postprocess=module.postprocess_config(num_classes), data=_data_config(dataset))
-    architecture = module.describe(state)["architecture"]
+    architecture = module.architecture(state)
     checkpoint = {
         "model": model.state_dict(),
         "config": config_to_dict(cfg),

@@ -21,7 +21,6 @@ Files: ``final_state.pth`` (a plain state dict) or ``checkpoint.pth.tar`` (``{"s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -172,5 +171,6 @@ def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
     return km
 
 
-def describe(state: dict[str, Tensor]) -> dict[str, Any]:
-    return {"architecture": f"{backbone_name(state)} with {len(_taps(state))} decoder stages"}
+def architecture(state: dict[str, Tensor]) -> str:
+    """A one-line name of the converted network, for messages and the checkpoint's record."""
+    return f"{backbone_name(state)} with {len(_taps(state))} decoder stages"

@@ -24,7 +24,6 @@ involved: Panoptic-DeepLab files carry the module names of the model itself.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -193,5 +192,6 @@ def _projections(state: dict[str, Tensor], head: str) -> tuple[int, ...]:
     return tuple(_out_channels(state, f"{head}.decoder.{tap}.project_conv.weight") for tap in ("res3", "res2"))
 
 
-def describe(state: dict[str, Tensor]) -> dict[str, Any]:
-    return {"architecture": "R52-DC5 " + ("DSConv" if is_dsconv(state) else "standard conv")}
+def architecture(state: dict[str, Tensor]) -> str:
+    """A one-line name of the converted network, for messages and the checkpoint's record."""
+    return "R52-DC5 " + ("DSConv" if is_dsconv(state) else "standard conv")
