@@ -3,8 +3,8 @@
 A converter (one module per reference) reads the reference's file into ``{name: tensor}``, chooses the
 :class:`~panoptic_deeplab.config.ModelConfig` that reproduces the reference architecture, and builds a
 :class:`KeyMap` from our parameter names to the reference's. :func:`load_strict` then fills a model built from
-that config: every tensor of the file is used or deliberately skipped, every parameter and buffer of ours is
-filled, every shape agrees; anything else raises :class:`ConversionError` listing the names.
+that config: every tensor of the file's model state is used (readers keep only that state: no optimizer), every
+parameter and buffer of ours is filled, every shape agrees; anything else raises :class:`ConversionError` listing the names.
 """
 
 from __future__ import annotations
@@ -50,22 +50,20 @@ class KeyMap:
             raise KeyError(f"{ours} mapped twice")  # a bug in a converter's key map
         self.entries[ours] = (theirs, transform)
 
-    def conv(self, ours: str, theirs: str, *, bias: bool = False, transform: Transform | None = None) -> None:
+    def conv(self, ours: str, theirs: str, *, bias: bool = False) -> None:
         """A bare conv: ``ours.weight`` (and ``.bias``) <- ``theirs.weight`` (and ``.bias``)."""
-        self.add(f"{ours}.weight", f"{theirs}.weight", transform)
+        self.add(f"{ours}.weight", f"{theirs}.weight")
         if bias:
             self.add(f"{ours}.bias", f"{theirs}.bias")
 
-    def bn(self, ours: str, theirs: str, names: tuple[str, str, str, str] | None = None) -> None:
-        """A batch norm; ``names`` are the reference's (weight, bias, mean, var) if not PyTorch's."""
-        theirs_names = names or ("weight", "bias", "running_mean", "running_var")
-        for mine, other in zip(("weight", "bias", "running_mean", "running_var"), theirs_names):
-            self.add(f"{ours}.{mine}", f"{theirs}.{other}")
-        self.add(f"{ours}.num_batches_tracked", f"{theirs}.num_batches_tracked")
+    def bn(self, ours: str, theirs: str) -> None:
+        """A batch norm with PyTorch's tensor names on both sides."""
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            self.add(f"{ours}.{name}", f"{theirs}.{name}")
 
-    def conv_bn(self, ours: str, conv: str, bn: str, transform: Transform | None = None) -> None:
+    def conv_bn(self, ours: str, conv: str, bn: str) -> None:
         """One of our ``ConvBNReLU`` (``ours.conv`` + ``ours.bn``) from a reference conv and its norm."""
-        self.conv(f"{ours}.conv", conv, transform=transform)
+        self.conv(f"{ours}.conv", conv)
         self.bn(f"{ours}.bn", bn)
 
 
@@ -75,12 +73,10 @@ def load_strict(
     key_map: KeyMap,
     *,
     what: str,
-    skipped: Callable[[str], bool] = lambda key: False,
 ) -> None:
     """Fill every parameter and buffer of ``model`` from ``source`` through ``key_map``, or raise.
 
-    ``skipped(key)`` names the reference tensors that are deliberately not used (optimizer state, a
-    classifier the model has no use for). ``num_batches_tracked`` may be absent on either side.
+    Every tensor of ``source`` must be used; ``num_batches_tracked`` may be absent on either side.
     """
     target = model.state_dict()
     filled = set(key_map.entries) | set(key_map.constants)
@@ -93,7 +89,7 @@ def load_strict(
         theirs for ours, (theirs, _) in key_map.entries.items()
         if theirs not in source and not theirs.endswith(OPTIONAL_SUFFIXES)
     )
-    unexpected = sorted(k for k in source if k not in used and not skipped(k))
+    unexpected = sorted(k for k in source if k not in used)
     converted: dict[str, Tensor] = {}
     wrong_shape = []
     for ours, (theirs, transform) in key_map.entries.items():
@@ -223,7 +219,6 @@ def guess_family(keys: Iterable[str]) -> str | None:
 FAMILY_NAMES = {
     "bc": "bowenc0221/panoptic-deeplab (--from bc)",
     "d2": "detectron2 Panoptic-DeepLab (--from d2)",
-    "dl2": "deeplab2 (--from dl2)",
     "panoptic-deeplab": "panoptic-deeplab checkpoint already: use it directly",
 }
 

@@ -89,11 +89,11 @@ def model_config(state: dict[str, Tensor], num_classes: int, train_crop: tuple[i
         aspp_pool_conv="bias",
         low_level_strides=(8, 4),
         decoder_fusion=head,
-        semantic_decoder_channels=_out_channels(state, _fuse_weight(state, "sem_seg_head", "res2", dsconv)),
+        semantic_decoder_channels=_out_channels(state, _fuse_weight("sem_seg_head", "res2", dsconv)),
         semantic_low_level_channels=_projections(state, "sem_seg_head"),
         semantic_head_channels=_out_channels(state, "sem_seg_head.predictor.weight", dim=1),
         semantic_head=head,
-        instance_decoder_channels=_out_channels(state, _fuse_weight(state, "ins_embed_head", "res2", dsconv)),
+        instance_decoder_channels=_out_channels(state, _fuse_weight("ins_embed_head", "res2", dsconv)),
         instance_low_level_channels=_projections(state, "ins_embed_head"),
         instance_head_channels=_out_channels(state, "ins_embed_head.center_predictor.weight", dim=1),
         center_head="d2",
@@ -184,7 +184,7 @@ def _out_channels(state: dict[str, Tensor], key: str, dim: int = 0) -> int:
     return int(state[key].shape[dim])
 
 
-def _fuse_weight(state: dict[str, Tensor], head: str, tap: str, dsconv: bool) -> str:
+def _fuse_weight(head: str, tap: str, dsconv: bool) -> str:
     return f"{head}.decoder.{tap}.fuse_conv." + ("pointwise.weight" if dsconv else "1.weight")
 
 
