@@ -6,6 +6,11 @@ weights, batch 1), in the default (contiguous NCHW) layout and in channels_last.
 are comparable even on a busy machine.
 
     .venv/bin/python benchmarks/bench_model.py [--size 1025x2049] [--repeats 3] [--backbones mobilenetv3_large resnet50]
+        [--checkpoints converted.pt ...]
+
+``--checkpoints`` also times what ``predict`` costs with each checkpoint (e.g. one written by ``convert``):
+``Predictor.predict`` on a random uint8 image of ``--size`` (network, post-processing, result), next to the
+network alone (``Predictor.raw_outputs``).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def main() -> None:
     parser.add_argument("--size", default="1025x2049", help="input HxW (default 1025x2049)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes (median is reported)")
     parser.add_argument("--backbones", nargs="+", default=["mobilenetv3_large", "resnet50"])
+    parser.add_argument("--checkpoints", nargs="*", default=[], help="also time predict end to end with these")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.lower().split("x"))
     cores = os.cpu_count() or 1
@@ -103,6 +109,26 @@ def main() -> None:
           "vs eager: speed-up over the eager (NCHW) row.\nGMACs are counted over full kernels; taps of the "
           "dilated ASPP convs that fall in zero padding (most of them on small maps) are skipped by oneDNN, "
           "so 'of matmul' can pass 100% at small sizes.")
+    if args.checkpoints:
+        _time_predictors(args.checkpoints, size, args.repeats)
+
+
+def _time_predictors(paths: list[str], size: tuple[int, int], repeats: int) -> None:
+    """Median seconds of ``Predictor.predict`` (image -> PanopticResult) and of its network alone."""
+    import numpy as np
+
+    from panoptic_deeplab.inference.predictor import Predictor
+
+    image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    print(f"\n{'checkpoint':<40} {'predict s':>9} {'network s':>9} {'rest':>6}")
+    for path in paths:
+        predictor = Predictor.from_checkpoint(path, device="cpu")
+        predictor.predict(image)  # warm-up
+        predict = statistics.median(_seconds(lambda: predictor.predict(image)) for _ in range(repeats))
+        network = statistics.median(_seconds(lambda: predictor.raw_outputs([tensor])) for _ in range(repeats))
+        print(f"{os.path.basename(path):<40} {predict:>9.2f} {network:>9.2f} {1 - network / predict:>6.0%}")
+    print("rest: post-processing, resizing and the result's conversion, as a share of predict.")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ Each verb is a pair of functions, ``_add_<verb>(subparsers)`` and ``_run_<verb>(
 listed in ``COMMANDS``. Heavy imports happen inside the run functions so that ``--help`` is fast.
 
 Exit codes: 0 success, 1 the work found problems (e.g. ``validate`` reported errors), 2 bad usage or
-bad input (a clear message is printed to stderr), 130 interrupted.
+bad input (a clear message is printed to stderr), 130 interrupted, 141 the reader of stdout went away
+(``... | head``: quietly, as a process ended by SIGPIPE).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -17,6 +19,7 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, what a shell reports for `ls | head`'s ls
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -363,7 +366,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="source", required=True, choices=("bc", "d2"),
                    help="bc = bowenc0221/panoptic-deeplab (.pth), d2 = detectron2 Panoptic-DeepLab (.pkl/.pth)")
     p.add_argument("--input", required=True, help="the reference checkpoint: a file or an http(s) URL")
-    p.add_argument("--output", required=True, help="the checkpoint to write, e.g. OUT.pt")
+    p.add_argument("--output", required=True,
+                   help="the checkpoint to write, e.g. OUT.pt; an existing directory receives <input name>.pt")
     p.add_argument("--dataset", default=None, metavar="cityscapes|coco|JSON",
                    help="categories of the model's classes (default: cityscapes for 19 classes, coco for 133)")
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=None,
@@ -372,6 +376,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-crop", type=_parse_size, default=None, metavar="HxW",
                    help="d2 only: the training crop that sized its ASPP pooling (default 512x1024 Cityscapes, "
                    "640x640 COCO)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert even if some tensors hold NaN or Inf (refused by default: a corrupted file or a "
+                   "diverged run)")
     p.add_argument("--no-progress", action="store_true", help="hide the download progress bar")
 
 
@@ -379,7 +386,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     from panoptic_deeplab.convert import convert_checkpoint
 
     result = convert_checkpoint(args.source, args.input, args.output, args.dataset, output_stride=args.output_stride,
-                                train_crop=args.train_crop, progress=not args.no_progress)
+                                train_crop=args.train_crop, allow_nonfinite=args.allow_nonfinite,
+                                progress=not args.no_progress)
     print(f"converted {result.architecture} ({result.meta.num_classes} classes, "
           f"{len(result.meta.thing_train_ids)} things) to {result.path}")
     print(f"next: panoptic-deeplab predict --checkpoint {result.path} --input IMAGES --output OUT")
@@ -461,9 +469,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: the interpreter flushes it at exit, which would raise again on the closed pipe
+    (the recipe of the Python docs, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,17 @@ def test_bc_outputs_equal_reference(tmp_path) -> None:
     _assert_close(ours, bc_forward(state, image, "resnet50"))
 
 
+def test_bc_legacy_torch_file(tmp_path) -> None:
+    """A .pth of torch < 1.6 (no zip container: a pickle whose first object is torch's magic number)."""
+    state = random_state(bc_shapes("resnet50", 19), seed=7)
+    path = tmp_path / "final_state.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert not path.read_bytes().startswith(b"PK")
+    converted = convert_checkpoint("bc", path, tmp_path / "out.pt", progress=False)
+    weights = torch.load(converted.path, weights_only=True)["model"]
+    assert torch.equal(weights["semantic_head.predictor.weight"], state["decoder.semantic_head.classifier.semantic.1.weight"])
+
+
 def test_bc_resumable_checkpoint_and_depth(tmp_path) -> None:
     """checkpoint.pth.tar: the state dict under 'state_dict' beside the optimizer; ResNet-101 told by its blocks."""
     state = random_state(bc_shapes("resnet101", 19), seed=8)
@@ -156,6 +167,92 @@ def test_predict_and_evaluate_run_on_converted_checkpoints(d2_files, tmp_path) -
                          f"data.val.panoptic={folder / 'panoptic'}", "data.num_workers=0")
         assert evaluated.returncode == 0, evaluated.stderr
         assert "PQ" in evaluated.stdout
+
+
+def _rename_like(ours: np.ndarray, theirs: np.ndarray, divisor: int) -> np.ndarray:
+    """``ours`` with each label replaced by the label of ``theirs`` it overlaps most; the renaming must be
+    one-to-one and keep every segment's class."""
+    pairs, counts = np.unique(np.stack([ours.ravel(), theirs.ravel()]), axis=1, return_counts=True)
+    order = np.lexsort((-counts, pairs[0]))  # by our label, then largest overlap first
+    labels, first = np.unique(pairs[0][order], return_index=True)
+    targets = pairs[1][order][first]
+    assert len(set(targets.tolist())) == len(targets), "two of our segments match one reference segment"
+    assert np.array_equal(labels // divisor, targets // divisor), "a segment changed class"
+    return targets[np.searchsorted(labels, ours)]
+
+
+def _fragile_pixels(raw: dict[str, torch.Tensor], centers: torch.Tensor, logit_tolerance: float,
+                    distance_tolerance: float) -> np.ndarray:
+    """Pixels whose post-processing decision the float32 noise in the raw outputs could flip: the two best
+    semantic logits closer than ``logit_tolerance``, or the distances to the two nearest centers (float64, all
+    centers) closer than ``distance_tolerance``."""
+    top2 = raw["semantic"][0].double().topk(2, dim=0).values
+    fragile = (top2[0] - top2[1]) < logit_tolerance
+    height, width = fragile.shape
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    py = (ys + raw["offset"][0, 0].double()).reshape(-1)
+    px = (xs + raw["offset"][0, 1].double()).reshape(-1)
+    cy, cx = centers[:, 0].double(), centers[:, 1].double()
+    margins = []
+    for start in range(0, py.numel(), 1 << 16):
+        d = ((py[start:start + (1 << 16), None] - cy).square() + (px[start:start + (1 << 16), None] - cx).square()).sqrt()
+        best = d.topk(2, dim=1, largest=False).values
+        margins.append(best[:, 1] - best[:, 0])
+    fragile |= torch.cat(margins).view(height, width) < distance_tolerance
+    return fragile.numpy()
+
+
+def test_converted_d2_model_predicts_like_postprocessing_of_reference_outputs(tmp_path) -> None:
+    """Issue 23, end to end: convert a D2 file, predict a 512x1024 image whose offsets reach hundreds of pixels
+    (many grouping chunks, points far off the image), and compare with post-processing applied to the outputs
+    of the independent D2 forward pass."""
+    from panoptic_deeplab.data.coco_panoptic import LABEL_DIVISOR
+    from panoptic_deeplab.inference.postprocess import panoptic_postprocess
+
+    state = random_state(d2_shapes(19, dsconv=True), seed=11)
+    image = torch.randint(0, 256, (3, 512, 1024), generator=torch.Generator().manual_seed(12)).to(torch.uint8)
+    pool_kernel = (32, 64)  # the default train crop 512x1024 / 16
+    # Random deep nets give flat outputs; rescale the three 1x1 predictors (exactly linear) so that the heatmap
+    # has ~5% of pixels over the threshold, every class wins somewhere and offsets reach hundreds of pixels.
+    raw = d2_forward(state, image.float(), dsconv=True, pool_kernel=pool_kernel)
+    center = raw["center"].flatten()
+    scale, level = center.std(), torch.quantile(center[::7], 0.95)
+    state["ins_embed_head.center_predictor.weight"] /= scale
+    state["ins_embed_head.center_predictor.bias"] = (state["ins_embed_head.center_predictor.bias"] - level) / scale + 0.1
+    logits = raw["semantic"][0].flatten(1)
+    spread = (logits - logits.mean(1, keepdim=True)).std()
+    state["sem_seg_head.predictor.weight"] *= 3 / spread
+    state["sem_seg_head.predictor.bias"] = (state["sem_seg_head.predictor.bias"] - logits.mean(1)) * 3 / spread
+    offset = raw["offset"][0].flatten(1)  # D2 multiplies the predictor's output by 4
+    gain = 150 / (offset - offset.mean(1, keepdim=True)).std()
+    state["ins_embed_head.offset_predictor.weight"] *= gain
+    state["ins_embed_head.offset_predictor.bias"] = (state["ins_embed_head.offset_predictor.bias"] - offset.mean(1) / 4) * gain
+    path = tmp_path / "model_final.pkl"
+    _save_d2_pkl(state, path)
+
+    converted = convert_checkpoint("d2", path, tmp_path / "converted.pt", progress=False)
+    assert converted.config.model.aspp_pool_kernel == pool_kernel
+    result = Predictor.from_checkpoint(converted.path, device="cpu").predict(image.permute(1, 2, 0).numpy())
+
+    reference_raw = d2_forward(state, image.float(), dsconv=True, pool_kernel=pool_kernel)
+    reference_offset = reference_raw["offset"][0]
+    assert reference_offset.abs().mean() > 50 and reference_offset.abs().max() > 1000
+    assert (reference_offset[0] + torch.arange(512)[:, None] < -64).float().mean() > 0.01  # off the candidate grid
+    expected = panoptic_postprocess(reference_raw["semantic"], reference_raw["center"], reference_raw["offset"],
+                                    converted.meta.thing_train_ids, converted.config.postprocess)[0]
+    assert expected.centers.shape[0] == converted.config.postprocess.top_k  # 200 centers
+    # Two centers whose scores tie to float precision may swap places (and numbers) between the two runs: the
+    # same centers, and the same segments once ours are renamed after the reference segment they overlap most.
+    assert sorted(map(tuple, result.centers.tolist())) == sorted(map(tuple, expected.centers.tolist()))
+    renamed = _rename_like(result.label_map, expected.label_map.numpy(), LABEL_DIVISOR)
+    differ = renamed != expected.label_map.numpy()
+    # A point moved by e changes each center distance by <= e, so their difference by <= 2 e.
+    offset_noise = float(np.abs(result.offset - reference_raw["offset"][0].numpy()).max())
+    assert offset_noise < 0.1
+    fragile = _fragile_pixels(reference_raw, expected.centers, logit_tolerance=1e-3,
+                              distance_tolerance=2 * np.sqrt(2) * offset_noise)
+    assert not (differ & ~fragile).any(), f"{int((differ & ~fragile).sum())} pixels differ with a clear decision"
+    assert differ.mean() < 1e-4
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -278,3 +375,59 @@ def test_download_to_cache_with_progress_and_hash(tmp_path, monkeypatch) -> None
     with pytest.raises(ConversionError, match="stopped after 3000 of 5000 bytes"):
         fetch(url + "2", progress=False, opener=lambda u: Short())
     assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 23: output paths, warnings before errors, non-finite weights
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_output_directory_receives_the_input_name(d2_files, tmp_path) -> None:
+    """`--output DIR` ended with a rename error naming a temporary file; now DIR/<input stem>.pt is written."""
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    result = _cli("convert", "--from", "d2", "--input", str(d2_files["cityscapes_dsconv"][0]), "--output", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert (folder / "cityscapes_dsconv.pt").is_file() and not list(folder.glob(".*.tmp"))
+    (folder / "cityscapes_dsconv.pt").unlink()
+    (folder / "cityscapes_dsconv.pt").mkdir()  # even the file name taken by a directory: said plainly
+    with pytest.raises(ConversionError, match=r"--output .*cityscapes_dsconv.pt is a directory"):
+        convert_checkpoint("d2", d2_files["cityscapes_dsconv"][0], folder, progress=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ConversionError, match=r"a_file is a file, not a directory"):
+        convert_checkpoint("d2", d2_files["cityscapes_dsconv"][0], blocker / "out.pt", progress=False)
+
+
+def test_truncated_file_prints_the_error_only(d2_files, tmp_path) -> None:
+    """torch's "Detected pickle protocol 4" warning came before the error."""
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(d2_files["cityscapes_dsconv"][0].read_bytes()[:5000])
+    for verb in (["convert", "--from", "d2", "--input", str(truncated), "--output", str(tmp_path / "o.pt")],
+                 ["predict", "--checkpoint", str(truncated), "--input", str(truncated), "--output", str(tmp_path)]):
+        result = _cli(*verb)
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_nonfinite_weights_are_refused_by_convert_and_predict(d2_files, tmp_path) -> None:
+    _, state = d2_files["cityscapes_dsconv"]
+    broken = {k: v.clone() for k, v in state.items()}
+    names = sorted(k for k in broken if k.endswith(".weight"))[:7]
+    for i, name in enumerate(names):
+        broken[name].view(-1)[0] = float("nan") if i % 2 else float("inf")
+    path = tmp_path / "diverged.pkl"
+    _save_d2_pkl(broken, path)
+    out = tmp_path / "out.pt"
+    with pytest.raises(ValueError, match=r"holds NaN or Inf in 7 tensor\(s\): .* and 2 more") as err:
+        convert_checkpoint("d2", path, out, progress=False)
+    assert sum(name in str(err.value) for name in names) == 5 and not out.exists()  # the first five, a count
+    result = _cli("convert", "--from", "d2", "--input", str(path), "--output", str(out), "--allow-nonfinite")
+    assert result.returncode == 0, result.stderr
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(image)
+    predicted = _cli("predict", "--checkpoint", str(out), "--input", str(image), "--output", str(tmp_path / "pred"))
+    assert predicted.returncode == 2
+    assert predicted.stderr.startswith(f"error: checkpoint {out} holds NaN or Inf in 7 tensor(s)"), predicted.stderr

@@ -103,3 +103,24 @@ def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path: Path) -> None:
     got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
     assert got[:3] == expected[:3]
     assert torch.equal(got[3], expected[3])
+
+
+def test_nonfinite_weights_are_named(tmp_path) -> None:
+    """Issue 23: NaN/Inf weights (a corrupted file, a diverged run) are refused with their names and a count."""
+    from panoptic_deeplab.engine.checkpoint import NonFiniteWeightsError, check_finite, initialize_from
+
+    state = {f"layer{i}.weight": torch.ones(3) for i in range(8)}
+    state["step"] = torch.tensor(3)  # integer tensors are never non-finite
+    check_finite(state, "x.pt")
+    state["layer1.weight"][0] = float("nan")
+    state["layer6.weight"][2] = float("-inf")
+    with pytest.raises(NonFiniteWeightsError, match=r"^x.pt holds NaN or Inf in 2 tensor\(s\): layer1.weight, layer6.weight;"):
+        check_finite(state, "x.pt")
+    for i in range(8):
+        state[f"layer{i}.weight"][1] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match=r"in 8 tensor\(s\): layer0.weight, .*, layer4.weight and 3 more"):
+        check_finite(state, "x.pt")
+    path = tmp_path / "diverged.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(NonFiniteWeightsError, match=r"model.init_checkpoint .*diverged.pt holds NaN or Inf"):
+        initialize_from(torch.nn.Linear(1, 1), path)

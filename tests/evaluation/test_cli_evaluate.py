@@ -49,3 +49,20 @@ def test_evaluate_files_threads_report_a_corrupt_png(panoptic_case, capsys):
     assert main([*args, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert broken.name in err and "truncated" in err and "PQ:" not in err
+
+
+def test_evaluate_into_a_closed_pipe_exits_quietly(panoptic_case):
+    """Issue 23: `evaluate ... | head` printed "error: [Errno 32] Broken pipe" and exited 2."""
+    import subprocess
+    import sys
+
+    from panoptic_deeplab.cli import EXIT_BROKEN_PIPE
+
+    gt_json, gt_dir, pred_json, pred_dir = panoptic_case(["shift"], seed=2, repeats=1)
+    command = [sys.executable, "-m", "panoptic_deeplab.cli", "evaluate", "--gt-json", str(gt_json), "--gt-dir",
+               str(gt_dir), "--pred-json", str(pred_json), "--pred-dir", str(pred_dir), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the table is printed, as `head` after its lines
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == EXIT_BROKEN_PIPE
+    assert stderr == ""

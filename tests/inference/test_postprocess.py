@@ -7,9 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from panoptic_deeplab.config import PostProcessConfig
 from panoptic_deeplab.data.coco_panoptic import VOID_LABEL
+from panoptic_deeplab.inference import postprocess
 from panoptic_deeplab.inference.postprocess import (
     _nearest_center,
     find_instance_centers,
@@ -370,3 +373,47 @@ def test_pipeline_bad_input():
         panoptic_postprocess(
             torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), [1], label_divisor=100
         )
+
+
+def test_group_every_pixel_pointing_off_the_image():
+    """Issue 23: a chunk whose points all lie off the candidate grid crashed in argmin over no candidates."""
+    thing = torch.ones(8, 10, dtype=torch.bool)
+    centers = torch.tensor([[1, 1], [6, 8]])
+    offset = torch.full((2, 8, 10), 1e6)
+    offset[1, :, :5] = -1e6  # left half far to the left: nearer to (1, 1) in x, both far in y
+    instance = group_pixels(thing, centers, offset)
+    expected = ref_group(thing.numpy(), centers.numpy(), offset.numpy())
+    np.testing.assert_array_equal(instance.numpy(), expected)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    num_centers=st.integers(1, 30),
+    log_magnitude=st.floats(-2, 30),
+    off_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+    integer_offsets=st.booleans(),
+    chunk_elements=st.sampled_from([1, 7, 64, 1 << 19]),
+)
+def test_group_property_equals_brute_force(
+    seed, height, width, num_centers, log_magnitude, off_fraction, integer_offsets, chunk_elements
+):
+    """Grouping == float64 nearest center over all centers (ties to the smaller index), for offsets of any
+    magnitude, with chunks as small as one point so that whole chunks lie off the grid or on it."""
+    rng = np.random.default_rng(seed)
+    centers = np.stack([rng.integers(0, height, num_centers), rng.integers(0, width, num_centers)], axis=1)
+    offset = rng.standard_normal((2, height, width)) * 10.0**log_magnitude
+    far = rng.random((height, width)) < off_fraction
+    offset[:, far] = rng.choice([-1.0, 1.0], size=(2, int(far.sum()))) * 1e6 * (1 + rng.random((2, int(far.sum()))))
+    if integer_offsets:
+        offset = np.round(offset)  # exact ties between centers
+    offset = offset.astype(np.float32)
+    thing = rng.random((height, width)) < 0.8
+    expected = ref_group(thing, centers, offset)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(postprocess, "_CHUNK_ELEMENTS", chunk_elements)
+        patch.setattr(postprocess, "_MIN_CHUNK_POINTS", 1)
+        instance = group_pixels(torch.from_numpy(thing), torch.from_numpy(centers), torch.from_numpy(offset))
+    np.testing.assert_array_equal(instance.numpy(), expected)

@@ -20,7 +20,7 @@ from panoptic_deeplab.data.coco_panoptic import DatasetMeta
 from panoptic_deeplab.data.metadata import dataset_meta
 
 from . import bowenc0221, detectron2
-from .common import ConversionError, fetch, load_strict
+from .common import URL_PATTERN, ConversionError, fetch, load_strict
 
 SOURCES: dict[str, ModuleType] = {bowenc0221.NAME: bowenc0221, detectron2.NAME: detectron2}
 # The dataset a published model was trained on, told by its number of classes.
@@ -47,16 +47,19 @@ def convert_checkpoint(
     *,
     output_stride: int | None = None,
     train_crop: tuple[int, int] | None = None,
+    allow_nonfinite: bool = False,
     progress: bool = True,
 ) -> ConvertedCheckpoint:
     """Convert a reference checkpoint (a path, or a URL downloaded once into the cache) into ``output``.
 
-    ``source``: ``"bc"`` or ``"d2"``. ``dataset``: ``cityscapes``, ``coco`` or a JSON with the categories
+    ``source``: ``"bc"`` or ``"d2"``. ``output``: a file, or an existing directory that receives
+    ``<input stem>.pt``. ``dataset``: ``cityscapes``, ``coco`` or a JSON with the categories
     (default: told by the number of classes: 19 Cityscapes, 133 COCO). ``output_stride``: BC only (default
     its configs': 32 with three decoder stages). ``train_crop``: D2 only, the training crop that sized its ASPP
-    pooling (default the published recipe's). Nothing is written unless every tensor fits.
+    pooling (default the published recipe's). A file whose tensors hold NaN or Inf is refused unless
+    ``allow_nonfinite``. Nothing is written unless every tensor fits.
     """
-    from panoptic_deeplab.engine.checkpoint import atomic_torch_save
+    from panoptic_deeplab.engine.checkpoint import atomic_torch_save, check_finite
     from panoptic_deeplab.modeling import build_model
 
     if source not in SOURCES:
@@ -66,8 +69,11 @@ def convert_checkpoint(
         raise ConversionError("output_stride applies to --from bc only (the other references fix theirs)")
     if train_crop is not None and source != detectron2.NAME:
         raise ConversionError("train_crop applies to --from d2 only (its ASPP pooling window)")
+    output = output_path(input, output)
     path = fetch(str(input), progress=progress)
     state = module.read(path)
+    if not allow_nonfinite:
+        check_finite(state, str(path))
     num_classes = module.num_classes_of(state)
     dataset = dataset or DATASET_BY_NUM_CLASSES.get(num_classes)
     if dataset is None:
@@ -100,6 +106,25 @@ def convert_checkpoint(
     return ConvertedCheckpoint(out, source, str(input), cfg, meta, architecture)
 
 
+def output_path(input: str | os.PathLike[str], output: str | os.PathLike[str]) -> Path:
+    """The file ``convert`` writes: ``output``, or ``output/<input stem>.pt`` when ``output`` is a directory.
+
+    Checked before any download or conversion, so that a wrong ``--output`` costs nothing.
+    """
+    output = Path(output)
+    if output.is_dir():
+        stem = Path(URL_PATTERN.sub("", str(input)).rstrip("/").split("?")[0]).stem or "converted"
+        output = output / f"{stem}.pt"
+        if output.is_dir():
+            raise ConversionError(f"--output {output} is a directory: give the file to write, e.g. {output}.pt")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConversionError(f"cannot write {output}: {parent} is a file, not a directory")
+            break
+    return output
+
+
 def _data_config(dataset: str) -> DataConfig:
     """The dataset's paths from its preset, so ``evaluate --checkpoint`` finds the split; Cityscapes with label
     ids (``cityscapes_panoptic_val.json``), the category ids of the converted checkpoint."""
@@ -116,4 +141,4 @@ def _data_config(dataset: str) -> DataConfig:
     return data
 
 
-__all__ = ["SOURCES", "ConversionError", "ConvertedCheckpoint", "convert_checkpoint"]
+__all__ = ["SOURCES", "ConversionError", "ConvertedCheckpoint", "convert_checkpoint", "output_path"]

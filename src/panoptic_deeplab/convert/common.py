@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from panoptic_deeplab.engine.checkpoint import load_tensors_only
 from panoptic_deeplab.modeling.backbone import summarize_names
 
 # BN buffers that carry no information for inference and that some writers drop (D2 model-zoo .pkl files).
@@ -137,23 +138,26 @@ _SAFE_PICKLE_GLOBALS = {
 }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a callable other than numpy's array machinery."""
+
+
 class _NumpyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _SAFE_PICKLE_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed") from None
+            raise _RefusedGlobal(f"refusing to load {module}.{name}: only numpy arrays are allowed") from None
+
+
+# torch/serialization.py MAGIC_NUMBER: the first of the pickles in a legacy (non-zip) torch.save file.
+_LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def read_pickle_of_arrays(path: Path) -> Any:
     """A Python 2/3 pickle of dicts, numbers and numpy arrays (``encoding="latin1"`` as D2 reads them)."""
     with open(path, "rb") as f:
         return _NumpyUnpickler(f, encoding="latin1").load()
-
-
-def read_torch_file(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_reference_file(path: str | os.PathLike[str], what: str) -> Any:
@@ -167,15 +171,12 @@ def read_reference_file(path: str | os.PathLike[str], what: str) -> Any:
         head = f.read(8)
     try:
         if head.startswith(b"PK\x03\x04"):  # torch's zip format (.pth / .pt since torch 1.6)
-            return read_torch_file(path)
-        if head[:1] == b"\x80":  # a pickle: D2 .pkl, or a legacy torch file
-            try:
-                return read_pickle_of_arrays(path)
-            except pickle.UnpicklingError as refused:
-                try:
-                    return read_torch_file(path)
-                except (pickle.UnpicklingError, RuntimeError):
-                    raise ConversionError(f"{path}: {refused} (a pickle that could run code is never opened)") from None
+            return load_tensors_only(path)
+        if head[:1] == b"\x80":  # a pickle: D2 .pkl, or a legacy torch file (older torch's .pth)
+            data = read_pickle_of_arrays(path)
+            return load_tensors_only(path) if isinstance(data, int) and data == _LEGACY_TORCH_MAGIC else data
+    except _RefusedGlobal as refused:
+        raise ConversionError(f"{path}: {refused} (a pickle that could run code is never opened)") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConversionError(f"cannot read {path} as a {what} checkpoint (truncated or not a checkpoint): {first}") from None

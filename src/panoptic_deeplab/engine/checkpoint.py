@@ -22,8 +22,9 @@ import os
 import pickle
 import random
 import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -52,6 +53,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def load_tensors_only(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+
+    torch warns about the pickle protocol of legacy (non-zip) files before it fails on a truncated one; the
+    callers turn the failure into one clear error, so that warning is only noise before it (issue 23).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by this project, refusing anything that could run code.
 
@@ -62,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = load_tensors_only(path, map_location)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refusing to load {path}: it contains objects other than tensors and plain Python types, "
@@ -75,6 +87,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     return ckpt
 
 
+class NonFiniteWeightsError(ValueError):
+    """A state dict holds NaN or Inf: a corrupted file or a run that diverged; its predictions are garbage."""
+
+
+def check_finite(state: Mapping[str, Any], what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the tensors of ``state`` that hold NaN or Inf (first few
+    and a count); ``what`` names the file in the message."""
+    bad = [
+        name for name, value in state.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteWeightsError(
+            f"{what} holds NaN or Inf in {len(bad)} tensor(s): {shown}; the file is corrupted or comes from a "
+            "run that diverged, and a model with these weights predicts garbage"
+        )
+
+
 def initialize_from(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
     """Copy a checkpoint's weights into ``model`` for fine-tuning; returns the names left as initialised.
 
@@ -83,6 +114,7 @@ def initialize_from(model: torch.nn.Module, path: str | os.PathLike) -> list[str
     """
     checkpoint = load_checkpoint(path)
     source = checkpoint["model"]
+    check_finite(source, f"model.init_checkpoint {path}")
     target = model.state_dict()
     missing = sorted(set(target) - set(source))
     unexpected = sorted(set(source) - set(target))

@@ -37,6 +37,8 @@ __all__ = [
 # Elements of the [points, candidates] distance block handled at once (float64): bounds the temporary
 # memory of grouping to ~20 MB whatever the image size; the scores use 4x this many float32 logits.
 _CHUNK_ELEMENTS = 1 << 19
+# Fewest points per grouping chunk, so that a wide candidate table does not make the chunks tiny.
+_MIN_CHUNK_POINTS = 4096
 
 
 @dataclass
@@ -201,18 +203,21 @@ def _search(py: Tensor, px: Tensor, table: _CandidateTable) -> Tensor:
     cell_x = torch.div(px, table.cell_size).floor_()
     inside = (cell_y >= -1) & (cell_y < table.ny - 1) & (cell_x >= -1) & (cell_x < table.nx - 1)
     labels = torch.empty(py.shape[0], dtype=torch.long, device=py.device)
-    if bool(inside.all()):
-        idx = None
-    else:
-        idx = inside.nonzero().squeeze(1)
+    idx = None if bool(inside.all()) else inside.nonzero().squeeze(1)
+    if idx is not None:
         out = (~inside).nonzero().squeeze(1)
         ddy = py[out, None] - table.cy
         ddx = px[out, None] - table.cx
         labels[out] = (ddy * ddy + ddx * ddx).argmin(dim=1)
         py, px, cell_y, cell_x = py[idx], px[idx], cell_y[idx], cell_x[idx]
+    if py.numel() == 0:
+        # Every point is off the grid (issue 23: untrained models, tiles at the edge of a huge image), or
+        # there were none: the table has nothing to answer, and an argmin over no candidates would raise.
+        return labels
     cell = cell_y.add_(1).mul_(table.nx).add_(cell_x).add_(1).long()  # small integers: exact in float64
-    # The chunk's own maximum candidate count, usually well under the table's width.
-    m = int(table.counts.index_select(0, cell).max()) if cell.numel() else 0
+    # The chunk's own maximum candidate count, usually well under the table's width (>= 1: every cell has
+    # the center that bounds it).
+    m = int(table.counts.index_select(0, cell).max())
     ddy = table.y[:, :m].index_select(0, cell).neg_().add_(py[:, None])
     ddx = table.x[:, :m].index_select(0, cell).neg_().add_(px[:, None])
     dist = ddy.mul_(ddy).add_(ddx.mul_(ddx))  # (py - cy)^2 + (px - cx)^2, the same roundings
@@ -224,12 +229,16 @@ def _search(py: Tensor, px: Tensor, table: _CandidateTable) -> Tensor:
     return labels
 
 
+def _points_per_chunk(table: _CandidateTable) -> int:
+    return max(_MIN_CHUNK_POINTS, _CHUNK_ELEMENTS // table.index.shape[1])
+
+
 def _nearest_center(
     py: Tensor, px: Tensor, centers: Tensor, height: int, width: int, cell_size: int | None = None
 ) -> Tensor:
     """Index (0..K-1, K > 0) of the nearest center of each float64 point, ties to the smaller index."""
     table = _build_table(centers, height, width, cell_size)
-    chunk = max(4096, _CHUNK_ELEMENTS // table.index.shape[1])
+    chunk = _points_per_chunk(table)
     return torch.cat([_search(py[i : i + chunk], px[i : i + chunk], table) for i in range(0, py.shape[0], chunk)])
 
 
@@ -245,7 +254,7 @@ def _group_flat(thing_idx: Tensor, centers: Tensor, offset: Tensor) -> Tensor:
     labels = torch.empty_like(thing_idx)
     flat_dy = offset[0].reshape(-1)
     flat_dx = offset[1].reshape(-1)
-    chunk = max(4096, _CHUNK_ELEMENTS // table.index.shape[1])
+    chunk = _points_per_chunk(table)
     for start in range(0, thing_idx.numel(), chunk):
         idx = thing_idx[start : start + chunk]
         # SPEC §9.2: offsets are (dy, dx) from the pixel to its center; predicted center = pixel + offset.

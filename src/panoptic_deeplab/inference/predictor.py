@@ -335,6 +335,7 @@ class Predictor:
         other post-processing thresholds), as long as the weights fit its model.
         """
         from panoptic_deeplab.config import config_from_dict
+        from panoptic_deeplab.engine.checkpoint import check_finite
         from panoptic_deeplab.modeling import build_model
 
         if cfg is None:
@@ -354,6 +355,7 @@ class Predictor:
                 f"checkpoint {source}: model.num_classes is {model_cfg.num_classes} but the dataset has "
                 f"{meta.num_classes} categories"
             )
+        check_finite(checkpoint["model"], f"checkpoint {source}")
         model = build_model(model_cfg)
         try:
             model.load_state_dict(checkpoint["model"])
