@@ -356,23 +356,25 @@ def _run_evaluate_model(args: argparse.Namespace) -> int:
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="turn a published checkpoint of detectron2 or bowenc0221/panoptic-deeplab into one of this project",
+        help="turn a published checkpoint of detectron2, bowenc0221/panoptic-deeplab or deeplab2 into one of this project",
         description="Reads the reference's file (a path, or a URL downloaded once into ~/.cache/panoptic_deeplab or "
         "$PANOPTIC_DEEPLAB_CACHE), rebuilds its exact architecture and writes OUT.pt (weights + config + "
         "categories) for predict, evaluate and fine-tuning (model.init_checkpoint). Every tensor must fit: "
         "otherwise nothing is written and the missing / unexpected names are listed. docs/MODEL_ZOO.md lists the "
         "published files. Exit status: 0 written, 2 unusable input.",
     )
-    p.add_argument("--from", dest="source", required=True, choices=("bc", "d2"),
-                   help="bc = bowenc0221/panoptic-deeplab (.pth), d2 = detectron2 Panoptic-DeepLab (.pkl/.pth)")
-    p.add_argument("--input", required=True, help="the reference checkpoint: a file or an http(s) URL")
+    p.add_argument("--from", dest="source", required=True, choices=("bc", "d2", "dl2"),
+                   help="bc = bowenc0221/panoptic-deeplab (.pth), d2 = detectron2 Panoptic-DeepLab (.pkl/.pth), "
+                   "dl2 = deeplab2 (TF2 checkpoint: .tar.gz, its folder or a ckpt-N prefix; no TensorFlow needed)")
+    p.add_argument("--input", required=True, help="the reference checkpoint: a file, folder or an http(s) URL")
     p.add_argument("--output", required=True,
                    help="the checkpoint to write, e.g. OUT.pt; an existing directory receives <input name>.pt")
     p.add_argument("--dataset", default=None, metavar="cityscapes|coco|JSON",
                    help="categories of the model's classes (default: cityscapes for 19 classes, coco for 133)")
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=None,
-                   help="bc only: the network's output stride (default 32, the model zoo's, with three decoder "
-                   "stages; 16 with two)")
+                   help="bc: the network's output stride (default 32, the model zoo's, with three decoder "
+                   "stages; 16 with two); dl2: its config's backbone.output_stride (default: known for the "
+                   "published files)")
     p.add_argument("--train-crop", type=_parse_size, default=None, metavar="HxW",
                    help="d2 only: the training crop that sized its ASPP pooling (default 512x1024 Cityscapes, "
                    "640x640 COCO)")

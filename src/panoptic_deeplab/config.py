@@ -37,6 +37,7 @@ class ModelConfig:
     # Dilation multipliers of the last stage's blocks (ResNets only): D2's R52 uses (1, 2, 4) at os16.
     multi_grid: tuple[int, ...] | None = None
     aspp_channels: int = 256
+    instance_aspp_channels: int | None = None  # None: aspp_channels (deeplab2 checkpoints may differ per branch)
     aspp_rates: tuple[int, int, int] | None = None  # None: (6, 12, 18) at os16, (3, 6, 9) at os32
     aspp_dropout: float = 0.1
     aspp_separable: bool = False  # D2 uses depthwise-separable ASPP convs

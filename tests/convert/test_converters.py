@@ -16,6 +16,7 @@ from panoptic_deeplab.convert import ConversionError, convert_checkpoint
 from panoptic_deeplab.convert.common import fetch
 from panoptic_deeplab.inference.predictor import Predictor
 
+from panoptic_compare import rename_like
 from reference_nets import bc_forward, bc_shapes, d2_forward, d2_shapes, random_state
 
 # float32 rounding over ~60 layers, relative to the largest output value
@@ -169,18 +170,6 @@ def test_predict_and_evaluate_run_on_converted_checkpoints(d2_files, tmp_path) -
         assert "PQ" in evaluated.stdout
 
 
-def _rename_like(ours: np.ndarray, theirs: np.ndarray, divisor: int) -> np.ndarray:
-    """``ours`` with each label replaced by the label of ``theirs`` it overlaps most; the renaming must be
-    one-to-one and keep every segment's class."""
-    pairs, counts = np.unique(np.stack([ours.ravel(), theirs.ravel()]), axis=1, return_counts=True)
-    order = np.lexsort((-counts, pairs[0]))  # by our label, then largest overlap first
-    labels, first = np.unique(pairs[0][order], return_index=True)
-    targets = pairs[1][order][first]
-    assert len(set(targets.tolist())) == len(targets), "two of our segments match one reference segment"
-    assert np.array_equal(labels // divisor, targets // divisor), "a segment changed class"
-    return targets[np.searchsorted(labels, ours)]
-
-
 def _fragile_pixels(raw: dict[str, torch.Tensor], centers: torch.Tensor, logit_tolerance: float,
                     distance_tolerance: float) -> np.ndarray:
     """Pixels whose post-processing decision the float32 noise in the raw outputs could flip: the two best
@@ -244,7 +233,7 @@ def test_converted_d2_model_predicts_like_postprocessing_of_reference_outputs(tm
     # Two centers whose scores tie to float precision may swap places (and numbers) between the two runs: the
     # same centers, and the same segments once ours are renamed after the reference segment they overlap most.
     assert sorted(map(tuple, result.centers.tolist())) == sorted(map(tuple, expected.centers.tolist()))
-    renamed = _rename_like(result.label_map, expected.label_map.numpy(), LABEL_DIVISOR)
+    renamed = rename_like(result.label_map, expected.label_map.numpy(), LABEL_DIVISOR)
     differ = renamed != expected.label_map.numpy()
     # A point moved by e changes each center distance by <= e, so their difference by <= 2 e.
     offset_noise = float(np.abs(result.offset - reference_raw["offset"][0].numpy()).max())

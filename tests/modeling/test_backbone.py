@@ -117,3 +117,25 @@ def test_pretrained_offline_fails_fast(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match=r"'mobilenetv3_large'.*mobilenetv3_large_100.*backbone_weights=PATH"):
         Backbone("mobilenetv3_large", pretrained=True)
     assert huggingface_hub.constants.HF_HUB_OFFLINE == before  # cache-only mode was temporary
+
+
+@pytest.mark.parametrize("variant, channels", [("small", (16, 88, 144, 576)), ("large", (72, 120, 672, 960))])
+def test_deeplab2_mobilenet_endpoints_and_atrous_rule(variant, channels) -> None:
+    """deeplab2's MobileNetV3 (model/encoder/mobilenet.py): endpoints are the depthwise outputs of the blocks ending
+    each stride level (SPEC §1.2); below output stride 32 the first block past it keeps rate 1, the next ones 2."""
+    from panoptic_deeplab.modeling.dl2_mobilenet import DeepLab2MobileNetV3, InvertedBottleneck
+
+    for output_stride, strides in ((32, (4, 8, 16, 32)), (16, (4, 8, 16, 16))):
+        body = DeepLab2MobileNetV3(variant, output_stride).eval()
+        assert tuple(body.feature_info.channels()) == channels
+        assert tuple(body.feature_info.reduction()) == strides
+        with torch.no_grad():
+            features = body(torch.rand(1, 3, 65, 97))
+        assert [tuple(f.shape[1:]) for f in features] == [
+            (c, -(-65 // s), -(-97 // s)) for c, s in zip(channels, strides)
+        ]
+    blocks = [b for b in DeepLab2MobileNetV3(variant, 16).blocks if isinstance(b, InvertedBottleneck)]
+    last_stage = [b for b in blocks if b.project.conv.out_channels == blocks[-1].project.conv.out_channels]
+    assert [b.depthwise.conv.stride[0] for b in last_stage] == [1] * len(last_stage)
+    assert [b.depthwise.conv.dilation[0] for b in last_stage] == [1] + [2] * (len(last_stage) - 1)
+    assert not last_stage[0].residual and all(b.residual for b in last_stage[1:])

@@ -1,6 +1,7 @@
 """Published Panoptic-DeepLab checkpoints of the reference implementations -> checkpoints of this project.
 
-One module per reference: :mod:`.bowenc0221` (``bc``), :mod:`.detectron2` (``d2``). Each reads its reference's
+One module per reference: :mod:`.bowenc0221` (``bc``), :mod:`.detectron2` (``d2``), :mod:`.deeplab2` (``dl2``, TF2
+checkpoints read by :mod:`.tf_checkpoint` without TensorFlow). Each reads its reference's
 file format, sets the architecture options that reproduce that reference's network exactly, and maps the names.
 The output is an ordinary checkpoint (``model`` + ``config`` + ``meta``): ``predict``, ``evaluate`` and
 fine-tuning (``model.init_checkpoint``) take it as they take one written by ``train``.
@@ -19,10 +20,10 @@ from panoptic_deeplab.config import Config, DataConfig, SplitConfig, config_to_d
 from panoptic_deeplab.data.coco_panoptic import DatasetMeta
 from panoptic_deeplab.data.metadata import dataset_meta
 
-from . import bowenc0221, detectron2
+from . import bowenc0221, deeplab2, detectron2
 from .common import URL_PATTERN, ConversionError, fetch, load_strict
 
-SOURCES: dict[str, ModuleType] = {bowenc0221.NAME: bowenc0221, detectron2.NAME: detectron2}
+SOURCES: dict[str, ModuleType] = {bowenc0221.NAME: bowenc0221, detectron2.NAME: detectron2, deeplab2.NAME: deeplab2}
 # The dataset a published model was trained on, told by its number of classes.
 DATASET_BY_NUM_CLASSES = {19: "cityscapes", 133: "coco"}
 
@@ -52,10 +53,10 @@ def convert_checkpoint(
 ) -> ConvertedCheckpoint:
     """Convert a reference checkpoint (a path, or a URL downloaded once into the cache) into ``output``.
 
-    ``source``: ``"bc"`` or ``"d2"``. ``output``: a file, or an existing directory that receives
+    ``source``: ``"bc"``, ``"d2"`` or ``"dl2"``. ``output``: a file, or an existing directory that receives
     ``<input stem>.pt``. ``dataset``: ``cityscapes``, ``coco`` or a JSON with the categories
-    (default: told by the number of classes: 19 Cityscapes, 133 COCO). ``output_stride``: BC only (default
-    its configs': 32 with three decoder stages). ``train_crop``: D2 only, the training crop that sized its ASPP
+    (default: told by the number of classes: 19 Cityscapes, 133 COCO). ``output_stride``: BC (default
+    its configs': 32 with three decoder stages) and deeplab2 (default: the published file's config). ``train_crop``: D2 only, the training crop that sized its ASPP
     pooling (default the published recipe's). A file whose tensors hold NaN or Inf is refused unless
     ``allow_nonfinite``. Nothing is written unless every tensor fits.
     """
@@ -65,8 +66,8 @@ def convert_checkpoint(
     if source not in SOURCES:
         raise ConversionError(f"unknown reference {source!r}: expected one of {', '.join(SOURCES)}")
     module = SOURCES[source]
-    if output_stride is not None and source != bowenc0221.NAME:
-        raise ConversionError("output_stride applies to --from bc only (the other references fix theirs)")
+    if output_stride is not None and source == detectron2.NAME:
+        raise ConversionError("output_stride applies to --from bc and dl2 only (detectron2's models are os16)")
     if train_crop is not None and source != detectron2.NAME:
         raise ConversionError("train_crop applies to --from d2 only (its ASPP pooling window)")
     output = output_path(input, output)
@@ -91,10 +92,12 @@ def convert_checkpoint(
         options["output_stride"] = output_stride
     if train_crop is not None:
         options["train_crop"] = train_crop
+    if source == deeplab2.NAME:  # the published file name tells the config (output stride, BN epsilon)
+        options["input_name"] = Path(URL_PATTERN.sub("", str(input)).split("?")[0]).name
     model_cfg = module.model_config(state, num_classes, **options)
     model = build_model(model_cfg)
     load_strict(model, state, module.key_map(model, state), what=f"{path} ({module.TITLE})")
-    cfg = Config(model=model_cfg, postprocess=module.postprocess_config(num_classes), data=_data_config(dataset))
+    cfg = Config(model=model_cfg, postprocess=module.postprocess_config(model_cfg), data=_data_config(dataset))
     architecture = module.architecture(state)
     checkpoint = {
         "model": model.state_dict(),

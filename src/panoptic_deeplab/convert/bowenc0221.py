@@ -122,7 +122,7 @@ def model_config(state: dict[str, Tensor], num_classes: int, output_stride: int 
     )
 
 
-def postprocess_config(num_classes: int) -> PostProcessConfig:
+def postprocess_config(model_cfg: ModelConfig) -> PostProcessConfig:
     """``POST_PROCESSING`` of the Cityscapes configs (the only dataset of BC's model zoo)."""
     return PostProcessConfig(center_threshold=0.1, nms_kernel=7, top_k=200, stuff_area=2048)
 

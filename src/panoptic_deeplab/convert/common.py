@@ -164,7 +164,8 @@ def read_reference_file(path: str | os.PathLike[str], what: str) -> Any:
     """Read a ``.pkl`` (pickle of numpy arrays) or a torch file, with clear errors for the wrong kind."""
     path = Path(path)
     if path.is_dir():
-        raise ConversionError(f"{path} is a directory, not a {what} checkpoint file")
+        hint = ": it holds a TensorFlow checkpoint (*.index), use --from dl2" if any(path.glob("*.index")) else ""
+        raise ConversionError(f"{path} is a directory, not a {what} checkpoint file{hint}")
     if not path.is_file():
         raise ConversionError(f"{path} does not exist")
     with open(path, "rb") as f:
@@ -180,6 +181,9 @@ def read_reference_file(path: str | os.PathLike[str], what: str) -> Any:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConversionError(f"cannot read {path} as a {what} checkpoint (truncated or not a checkpoint): {first}") from None
+    if head.startswith(b"\x1f\x8b") or path.name.endswith(".index") or ".data-" in path.name:
+        # gzip: deeplab2 publishes its TF2 checkpoints as .tar.gz
+        raise ConversionError(f"{path} is not a {what} checkpoint: it looks like a deeplab2 TF checkpoint: use --from dl2")
     raise ConversionError(
         f"{path} is not a {what} checkpoint: it is neither a torch file nor a pickle (first bytes {head!r})"
     )

@@ -106,9 +106,9 @@ def model_config(state: dict[str, Tensor], num_classes: int, train_crop: tuple[i
     )
 
 
-def postprocess_config(num_classes: int) -> PostProcessConfig:
+def postprocess_config(model_cfg: ModelConfig) -> PostProcessConfig:
     """``MODEL.PANOPTIC_DEEPLAB`` of the published configs (SPEC §5): COCO NMS 41 / stuff 4096, else 7 / 2048."""
-    if num_classes == COCO_NUM_CLASSES:
+    if model_cfg.num_classes == COCO_NUM_CLASSES:
         return PostProcessConfig(center_threshold=0.1, nms_kernel=41, top_k=200, stuff_area=4096)
     return PostProcessConfig(center_threshold=0.1, nms_kernel=7, top_k=200, stuff_area=2048)
 

@@ -21,6 +21,8 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
+from .dl2_mobilenet import DeepLab2MobileNetV3
+
 # Feature keys returned by ``Backbone.forward`` (detectron2 naming: res2 = stride 4, res3 = stride 8,
 # res4 = stride 16); the last stage is always res5, whatever its stride.
 LAST_KEY = "res5"
@@ -69,6 +71,8 @@ BACKBONE_PRESETS: dict[str, BackbonePreset] = {
     "xception65": BackbonePreset("xception65"),
     "xception71": BackbonePreset("xception71"),
 }
+# deeplab2's own MobileNetV3s (not timm's: see dl2_mobilenet.py), for its converted checkpoints.
+DL2_MOBILENETS = {"dl2_mobilenetv3_small": "small", "dl2_mobilenetv3_large": "large"}
 
 SUPPORTED_OUTPUT_STRIDES = (8, 16, 32)
 
@@ -79,7 +83,7 @@ def resolve_backbone(name: str) -> BackbonePreset:
         return BACKBONE_PRESETS[name]
     if not timm.is_model(name):
         raise ValueError(
-            f"unknown backbone {name!r}: not a preset ({', '.join(BACKBONE_PRESETS)}) "
+            f"unknown backbone {name!r}: not a preset ({', '.join([*BACKBONE_PRESETS, *DL2_MOBILENETS])}) "
             "and not a timm model name"
         )
     return BackbonePreset(name)
@@ -254,6 +258,7 @@ class Backbone(nn.Module):
 
     Attributes ``channels`` and ``strides`` give each tap's channel count and stride. ``multi_grid``
     multiplies the dilation of each block of a ResNet's last stage (SPEC §1.2, D2's R52: 1, 2, 4).
+    ``bn_eps`` is the batch-norm epsilon of deeplab2's encoders (``DL2_MOBILENETS``); timm's keep their own.
     """
 
     def __init__(
@@ -264,10 +269,19 @@ class Backbone(nn.Module):
         weights_path: str | os.PathLike[str] | None = None,
         low_level_strides: tuple[int, ...] = (8, 4),
         multi_grid: tuple[int, ...] | None = None,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.name = name
-        self.body = create_timm_features(name, output_stride, pretrained, weights_path)
+        if name in DL2_MOBILENETS:
+            if pretrained or weights_path is not None:
+                raise ValueError(
+                    f"backbone {name!r} has no ImageNet weights of its own: start from a converted deeplab2 "
+                    "checkpoint (panoptic-deeplab convert --from dl2, then model.init_checkpoint) with pretrained=False"
+                )
+            self.body: nn.Module = DeepLab2MobileNetV3(DL2_MOBILENETS[name], output_stride, bn_eps)
+        else:
+            self.body = create_timm_features(name, output_stride, pretrained, weights_path)
         info = self.body.feature_info
         reductions = list(info.reduction())
         channels = list(info.channels())

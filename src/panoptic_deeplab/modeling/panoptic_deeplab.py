@@ -47,13 +47,13 @@ class PanopticDeepLab(nn.Module):
             weights_path=cfg.backbone_weights,
             low_level_strides=tuple(cfg.low_level_strides),
             multi_grid=None if cfg.multi_grid is None else tuple(cfg.multi_grid),
+            bn_eps=cfg.bn_eps,
         )
         channels = self.backbone.channels
         rates = tuple(cfg.aspp_rates) if cfg.aspp_rates is not None else default_aspp_rates(cfg.output_stride)
         norm = dict(bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
         common = dict(
             low_level_strides=tuple(cfg.low_level_strides),
-            aspp_channels=cfg.aspp_channels,
             aspp_rates=rates,
             aspp_dropout=cfg.aspp_dropout,
             aspp_separable=cfg.aspp_separable,
@@ -70,6 +70,7 @@ class PanopticDeepLab(nn.Module):
             low_in,
             tuple(cfg.semantic_low_level_channels),
             cfg.semantic_decoder_channels,
+            aspp_channels=cfg.aspp_channels,
             **common,
         )
         self.instance_decoder = PanopticDeepLabDecoder(
@@ -77,6 +78,7 @@ class PanopticDeepLab(nn.Module):
             low_in,
             tuple(cfg.instance_low_level_channels),
             cfg.instance_decoder_channels,
+            aspp_channels=cfg.instance_aspp_channels or cfg.aspp_channels,
             **common,
         )
         self.semantic_head = PredictionHead(
@@ -136,6 +138,8 @@ def _validate(cfg: ModelConfig) -> None:
             )
     if cfg.init not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {cfg.init!r}")
+    if cfg.instance_aspp_channels is not None and cfg.instance_aspp_channels < 1:
+        raise ValueError(f"instance_aspp_channels must be positive or None, got {cfg.instance_aspp_channels}")
     for name in ("aspp_channels", "semantic_decoder_channels", "semantic_head_channels",
                  "instance_decoder_channels", "instance_head_channels"):
         if getattr(cfg, name) < 1:

@@ -1,0 +1,267 @@
+"""deeplab2's Panoptic-DeepLab (``google-research/deeplab2``): TF2 training checkpoints, read without TensorFlow.
+
+Supported encoders: MobileNetV3-Small and -Large (``model/encoder/mobilenet.py``, rebuilt exactly by
+:class:`~panoptic_deeplab.modeling.dl2_mobilenet.DeepLab2MobileNetV3`). The rest of the network, from deeplab2's
+sources (SPEC §1, §8.3):
+
+* decoders ``PanopticDeepLabSingleDecoder`` (``model/decoder/panoptic_deeplab.py``): ASPP (``model/decoder/aspp.py``)
+  of standard convs, a pooling branch of global average pooling (the eval crop's feature size: global at full
+  resolution) + 1x1 conv + BN + ReLU; per tap (``res3`` then ``res2``) a 1x1 projection, bilinear
+  ``align_corners=True`` upsampling, ``concat([upsampled, projected])`` and one 5x5 ``SeparableConv2DSame`` with
+  BN + activation after both halves; widths of every part are read from the checkpoint's shapes, per branch;
+* heads ``PanopticDeepLabSingleHead``: a 5x5 separable conv, then ``final_conv`` 1x1 with bias;
+* ``DeepLab.call``: input ``x / 127.5 - 1`` (our ``pixel_mean = pixel_std = 0.5`` on [0, 1]); outputs at stride 4
+  resized with ``align_corners=True`` to the input size, offsets scaled by ``(H - 1) / (h - 1)`` per axis
+  (``model/utils.py``, ``resize_and_rescale_offsets``).
+
+What no checkpoint records (BN epsilon, atrous rates, post-processing) comes from the published configs
+(``configs/cityscapes/panoptic_deeplab/*.textproto``), looked up by the published file name or by the output stride.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from panoptic_deeplab.config import ModelConfig, PostProcessConfig
+
+from .common import ConversionError, KeyMap, guess_family, read_reference_file
+from .tf_checkpoint import VARIABLE_SUFFIX, TFCheckpointError, read_tf_checkpoint
+
+NAME = "dl2"
+TITLE = "deeplab2"
+
+# train_lib.py saves these beside the model (tf.train.Checkpoint(global_step, optimizer, **checkpoint_items)):
+# skipped deliberately. Every other tensor must be used.
+SKIPPED_PREFIXES = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/", "global_step/", "optimizer/")
+OPTIMIZER_SLOT = "/.OPTIMIZER_SLOT/"
+# tf.keras.layers.BatchNormalization variable names -> torch's.
+BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+ENCODER_BLOCKS = {13: "dl2_mobilenetv3_small", 17: "dl2_mobilenetv3_large"}  # len(block_specs)
+
+
+@dataclass(frozen=True)
+class ConfigFacts:
+    """What a deeplab2 config sets and its checkpoint does not record."""
+
+    output_stride: int
+    bn_eps: float  # trainer_options.solver_options.batchnorm_epsilon (default 0.001, trainer.proto)
+    aspp_rates: tuple[int, int, int]  # decoder.atrous_rates
+    nms_kernel: int  # evaluator_options.nms_kernel
+    top_k: int = 400  # evaluator_options.keep_k_centers (default 400, evaluator.proto)
+    stuff_area: int = 2048  # evaluator_options.stuff_area_limit
+    center_threshold: float = 0.1  # evaluator_options.center_score_threshold
+
+
+# configs/cityscapes/panoptic_deeplab/mobilenet_v3_{small,large}_os{16,32}.textproto: the os16 ones set
+# batchnorm_epsilon 1e-5 and nms_kernel 7, the os32 ones keep epsilon's default 1e-3 and use nms_kernel 13.
+MOBILENET_FACTS = {
+    16: ConfigFacts(output_stride=16, bn_eps=1e-5, aspp_rates=(6, 12, 18), nms_kernel=7),
+    32: ConfigFacts(output_stride=32, bn_eps=1e-3, aspp_rates=(3, 6, 9), nms_kernel=13),
+}
+# g3doc/projects/panoptic_deeplab.md: the published checkpoints this converter reads, by file name.
+PUBLISHED = {
+    "mobilenet_v3_small_os16_panoptic_deeplab_cityscapes_dwo.tar.gz": MOBILENET_FACTS[16],
+    "mobilenet_v3_large_os16_panoptic_deeplab_cityscapes_dwo.tar.gz": MOBILENET_FACTS[16],
+}
+
+
+def is_model_tensor(name: str) -> bool:
+    return not name.startswith(SKIPPED_PREFIXES) and OPTIMIZER_SLOT not in name
+
+
+def read(path: Path) -> dict[str, Tensor]:
+    """The model's tensors (``.ATTRIBUTES/VARIABLE_VALUE`` dropped from the names) of a ``.tar.gz``, a folder or
+    a ``ckpt-N`` prefix."""
+    if path.is_file() and not path.name.endswith((".tar.gz", ".tgz", ".tar", ".index")) and ".data-" not in path.name:
+        _refuse_other_family(path)
+    try:
+        tensors = read_tf_checkpoint(path, is_model_tensor)
+    except TFCheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    state = {name.removesuffix(VARIABLE_SUFFIX): value for name, value in tensors.items()}
+    if "semantic_last_layer/kernel" not in state:
+        raise ConversionError(f"{path} is not a deeplab2 Panoptic-DeepLab checkpoint (no semantic_last_layer)")
+    if "instance_center_head_last_layer/kernel" not in state:
+        raise ConversionError(f"{path} is a deeplab2 checkpoint without instance heads (a semantic-only DeepLab)")
+    return state
+
+
+def _refuse_other_family(path: Path) -> None:
+    """A torch or pickle file given to ``--from dl2``: say which reference it looks like."""
+    data = read_reference_file(path, TITLE)
+    keys = list(data.get("model", data)) if isinstance(data, dict) else []
+    family = guess_family(keys)
+    hint = f": it looks like a {'detectron2' if family == 'd2' else 'bowenc0221'} checkpoint (--from {family})" \
+        if family in ("d2", "bc") else ""
+    raise ConversionError(f"{path} is not a deeplab2 TF checkpoint (.tar.gz, folder or ckpt-N prefix){hint}")
+
+
+def num_classes_of(state: dict[str, Tensor]) -> int:
+    return int(state["semantic_last_layer/kernel"].shape[3])
+
+
+def _encoder(state: dict[str, Tensor]) -> str:
+    blocks = {int(k.split("/")[2]) for k in state if k.startswith("encoder/_blocks/")}
+    name = ENCODER_BLOCKS.get(len(blocks))
+    if name is None:
+        kinds = sorted({k.split("/")[1] for k in state if k.startswith("encoder/")})
+        raise ConversionError(
+            f"{TITLE} checkpoint: unsupported encoder ({len(blocks)} MobileNet blocks, parts {kinds[:4]}); "
+            "supported: MobileNetV3-Small and -Large"
+        )
+    return name
+
+
+def config_facts(input_name: str, output_stride: int | None) -> ConfigFacts:
+    """The published config's facts: by the published file name, else by the given output stride."""
+    if output_stride is not None:
+        if output_stride not in MOBILENET_FACTS:
+            raise ConversionError(f"deeplab2's MobileNetV3 configs use output stride 16 or 32, not {output_stride}")
+        return MOBILENET_FACTS[output_stride]
+    if input_name in PUBLISHED:
+        return PUBLISHED[input_name]
+    raise ConversionError(
+        f"{input_name} is not a published deeplab2 file, and a checkpoint does not record its output stride: "
+        "give --output-stride 16 or 32 (backbone.output_stride of its .textproto config)"
+    )
+
+
+def _out(state: dict[str, Tensor], name: str) -> int:
+    return int(state[name].shape[3])  # HWIO kernels
+
+
+def model_config(
+    state: dict[str, Tensor], num_classes: int, output_stride: int | None = None, input_name: str = ""
+) -> ModelConfig:
+    """The options that rebuild deeplab2's network; widths from the shapes, the rest from :func:`config_facts`."""
+    facts = config_facts(input_name, output_stride)
+    taps = sorted({k.split("/")[1] for k in state if k.startswith("semantic_decoder/_low_level_conv")})
+    if taps != ["_low_level_conv1", "_low_level_conv2"]:
+        raise ConversionError(f"{TITLE} checkpoint: decoder taps {taps}; expected two (res3, res2)")
+
+    def widths(branch: str) -> tuple[int, ...]:
+        return tuple(_out(state, f"{branch}/_low_level_conv{i}/_conv/kernel") for i in (1, 2))
+
+    def pointwise(part: str) -> int:
+        return _out(state, f"{part}/_conv1_bn_act/_pointwise/_conv/kernel")
+
+    center, offset = pointwise("instance_center_head_without_last_layer"), \
+        pointwise("instance_regression_head_without_last_layer")
+    if center != offset:
+        raise ConversionError(f"{TITLE} checkpoint: center head {center} and offset head {offset} channels differ")
+    aspp = "_aspp/_proj_conv_bn_act/_conv/kernel"
+    return ModelConfig(
+        backbone=_encoder(state),
+        pretrained=False,
+        num_classes=num_classes,
+        output_stride=facts.output_stride,
+        aspp_channels=_out(state, f"semantic_decoder/{aspp}"),
+        instance_aspp_channels=_out(state, f"instance_decoder/{aspp}"),
+        aspp_rates=facts.aspp_rates,
+        aspp_dropout=0.1,
+        aspp_separable=False,
+        aspp_pool_kernel=None,
+        aspp_pool_conv="bn",
+        low_level_strides=(8, 4),
+        decoder_fusion="dsconv",
+        semantic_decoder_channels=pointwise("semantic_decoder/_fusion_conv1"),
+        semantic_low_level_channels=widths("semantic_decoder"),
+        semantic_head_channels=pointwise("semantic_head_without_last_layer"),
+        instance_decoder_channels=pointwise("instance_decoder/_fusion_conv1"),
+        instance_low_level_channels=widths("instance_decoder"),
+        instance_head_channels=center,
+        center_head="dsconv",
+        offset_head="dsconv",
+        concat_low_level_first=False,
+        align_corners=True,
+        bn_momentum=0.01,  # Keras momentum 0.99 (batchnorm_momentum)
+        bn_eps=facts.bn_eps,
+        init="he",
+    )
+
+
+def postprocess_config(model_cfg: ModelConfig) -> PostProcessConfig:
+    facts = MOBILENET_FACTS[model_cfg.output_stride]
+    return PostProcessConfig(center_threshold=facts.center_threshold, nms_kernel=facts.nms_kernel,
+                             top_k=facts.top_k, stuff_area=facts.stuff_area)
+
+
+def _conv_kernel(kernel: Tensor) -> Tensor:
+    return kernel.permute(3, 2, 0, 1).contiguous()  # HWIO -> OIHW
+
+
+def _depthwise_kernel(kernel: Tensor) -> Tensor:
+    return kernel.permute(2, 3, 0, 1).contiguous()  # (kh, kw, C, 1) -> (C, 1, kh, kw)
+
+
+def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
+    """Our names -> deeplab2's Keras attribute paths (``checkpoint_items`` of ``DeepLab`` and the decoder)."""
+    km = KeyMap()
+
+    def bn(ours: str, theirs: str) -> None:
+        for name, keras in BN_NAMES.items():
+            km.add(f"{ours}.{name}", f"{theirs}/{keras}")
+
+    def conv_bn(ours: str, theirs: str) -> None:  # Conv2DSame with use_bn
+        km.add(f"{ours}.conv.weight", f"{theirs}/_conv/kernel", _conv_kernel)
+        bn(f"{ours}.bn", f"{theirs}/_batch_norm")
+
+    def separable(ours: str, theirs: str) -> None:  # StackedConv2DSame(num_layers=1) of SeparableConv2DSame
+        block = f"{theirs}/_conv1_bn_act"
+        km.add(f"{ours}.depthwise.conv.weight", f"{block}/_depthwise/_depthwise_conv/depthwise_kernel",
+               _depthwise_kernel)
+        bn(f"{ours}.depthwise.bn", f"{block}/_depthwise/_batch_norm")
+        conv_bn(f"{ours}.pointwise", f"{block}/_pointwise")
+
+    encoder = model.backbone.body
+    for i, block in enumerate(encoder.blocks):
+        ours, theirs = f"backbone.body.blocks.{i}", f"encoder/_blocks/{i}"
+        if not hasattr(block, "depthwise"):  # a conv_bn block
+            conv_bn(ours, theirs)
+            continue
+        if hasattr(block, "expand"):
+            conv_bn(f"{ours}.expand", f"{theirs}/_conv1_bn_act")
+        km.add(f"{ours}.depthwise.conv.weight", f"{theirs}/_conv2_bn_act/_depthwise_conv/depthwise_kernel",
+               _depthwise_kernel)
+        bn(f"{ours}.depthwise.bn", f"{theirs}/_conv2_bn_act/_batch_norm")
+        if hasattr(block, "se"):
+            for part in ("reduce", "expand"):
+                km.add(f"{ours}.se.{part}.weight", f"{theirs}/_squeeze_excitation/_se_{part}/kernel", _conv_kernel)
+                km.add(f"{ours}.se.{part}.bias", f"{theirs}/_squeeze_excitation/_se_{part}/bias")
+        conv_bn(f"{ours}.project", f"{theirs}/_conv3_bn")
+
+    for branch in ("semantic_decoder", "instance_decoder"):
+        aspp = f"{branch}/_aspp"
+        conv_bn(f"{branch}.aspp.branches.0", f"{aspp}/_conv_bn_act")
+        for i in (1, 2, 3):
+            conv_bn(f"{branch}.aspp.branches.{i}", f"{aspp}/_aspp_conv{i}/_conv_bn_act")
+        km.add(f"{branch}.aspp.branches.4.conv.weight", f"{aspp}/_aspp_pool/_conv_bn_act/_conv/kernel", _conv_kernel)
+        bn(f"{branch}.aspp.branches.4.bn", f"{aspp}/_aspp_pool/_conv_bn_act/_batch_norm")
+        conv_bn(f"{branch}.aspp.project", f"{aspp}/_proj_conv_bn_act")
+        for i in (0, 1):  # utils.get_low_level_conv_fusion_conv_current_names(i): 1-based names
+            conv_bn(f"{branch}.project.{i}", f"{branch}/_low_level_conv{i + 1}")
+            separable(f"{branch}.fuse.{i}", f"{branch}/_fusion_conv{i + 1}")
+
+    # common.py CKPT_* names of PanopticDeepLab.checkpoint_items
+    for ours, tower, last in (("semantic_head", "semantic_head_without_last_layer", "semantic_last_layer"),
+                              ("center_head", "instance_center_head_without_last_layer",
+                               "instance_center_head_last_layer"),
+                              ("offset_head", "instance_regression_head_without_last_layer",
+                               "instance_regression_head_last_layer")):
+        separable(f"{ours}.tower", tower)
+        km.add(f"{ours}.predictor.weight", f"{last}/kernel", _conv_kernel)
+        km.add(f"{ours}.predictor.bias", f"{last}/bias")
+
+    # DeepLab.call: x / 127.5 - 1 on 0..255 = (x - 0.5) / 0.5 on [0, 1].
+    km.constants["pixel_mean"] = torch.full((3,), 0.5)
+    km.constants["pixel_std"] = torch.full((3,), 0.5)
+    return km
+
+
+def architecture(state: dict[str, Tensor]) -> str:
+    size = "Small" if _encoder(state).endswith("small") else "Large"
+    return f"deeplab2 MobileNetV3-{size}"
