@@ -378,6 +378,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-crop", type=_parse_size, default=None, metavar="HxW",
                    help="d2 only: the training crop that sized its ASPP pooling (default 512x1024 Cityscapes, "
                    "640x640 COCO)")
+    p.add_argument("--config", default=None, metavar="TEXTPROTO",
+                   help="dl2 only: the checkpoint's deeplab2 config (.textproto): output stride, BN epsilon, atrous "
+                   "rates and post-processing (default: known for the published files)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="convert even if some tensors hold NaN or Inf (refused by default: a corrupted file or a "
                    "diverged run)")
@@ -388,7 +391,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     from panoptic_deeplab.convert import convert_checkpoint
 
     result = convert_checkpoint(args.source, args.input, args.output, args.dataset, output_stride=args.output_stride,
-                                train_crop=args.train_crop, allow_nonfinite=args.allow_nonfinite,
+                                train_crop=args.train_crop, config=args.config, allow_nonfinite=args.allow_nonfinite,
                                 progress=not args.no_progress)
     print(f"converted {result.architecture} ({result.meta.num_classes} classes, "
           f"{len(result.meta.thing_train_ids)} things) to {result.path}")

@@ -48,6 +48,7 @@ def convert_checkpoint(
     *,
     output_stride: int | None = None,
     train_crop: tuple[int, int] | None = None,
+    config: str | os.PathLike[str] | None = None,
     allow_nonfinite: bool = False,
     progress: bool = True,
 ) -> ConvertedCheckpoint:
@@ -57,7 +58,8 @@ def convert_checkpoint(
     ``<input stem>.pt``. ``dataset``: ``cityscapes``, ``coco`` or a JSON with the categories
     (default: told by the number of classes: 19 Cityscapes, 133 COCO). ``output_stride``: BC (default
     its configs': 32 with three decoder stages) and deeplab2 (default: the published file's config). ``train_crop``: D2 only, the training crop that sized its ASPP
-    pooling (default the published recipe's). A file whose tensors hold NaN or Inf is refused unless
+    pooling (default the published recipe's). ``config``: deeplab2 only, the checkpoint's ``.textproto`` (its output
+    stride, BN epsilon, atrous rates and post-processing). A file whose tensors hold NaN or Inf is refused unless
     ``allow_nonfinite``. Nothing is written unless every tensor fits.
     """
     from panoptic_deeplab.engine.checkpoint import atomic_torch_save, check_finite
@@ -92,12 +94,16 @@ def convert_checkpoint(
         options["output_stride"] = output_stride
     if train_crop is not None:
         options["train_crop"] = train_crop
+    if config is not None:
+        if source != deeplab2.NAME:
+            raise ConversionError("config (a .textproto) applies to --from dl2 only")
+        options["config"] = config
     if source == deeplab2.NAME:  # the published file name tells the config (output stride, BN epsilon)
         options["input_name"] = Path(URL_PATTERN.sub("", str(input)).split("?")[0]).name
-    model_cfg = module.model_config(state, num_classes, **options)
+    model_cfg, post_cfg = module.configs(state, num_classes, **options)
     model = build_model(model_cfg)
     load_strict(model, state, module.key_map(model, state), what=f"{path} ({module.TITLE})")
-    cfg = Config(model=model_cfg, postprocess=module.postprocess_config(model_cfg), data=_data_config(dataset))
+    cfg = Config(model=model_cfg, postprocess=post_cfg, data=_data_config(dataset))
     architecture = module.architecture(state)
     checkpoint = {
         "model": model.state_dict(),

@@ -127,6 +127,12 @@ def postprocess_config(model_cfg: ModelConfig) -> PostProcessConfig:
     return PostProcessConfig(center_threshold=0.1, nms_kernel=7, top_k=200, stuff_area=2048)
 
 
+def configs(state: dict[str, Tensor], num_classes: int, output_stride: int | None = None) -> tuple[ModelConfig, PostProcessConfig]:
+    """The network's options and the published configs' post-processing."""
+    model_cfg = model_config(state, num_classes, output_stride)
+    return model_cfg, postprocess_config(model_cfg)
+
+
 def num_classes_of(state: dict[str, Tensor]) -> int:
     if "decoder.instance_head.classifier.center.1.weight" not in state:
         raise ConversionError(f"{TITLE} checkpoint has no instance head (a semantic-only DeepLab model)")

@@ -20,6 +20,7 @@ What no checkpoint records (BN epsilon, atrous rates, post-processing) comes fro
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from panoptic_deeplab.config import ModelConfig, PostProcessConfig
 
 from .common import ConversionError, KeyMap, guess_family, read_reference_file
+from .textproto import field, read_textproto
 from .tf_checkpoint import VARIABLE_SUFFIX, TFCheckpointError, read_tf_checkpoint
 
 NAME = "dl2"
@@ -116,8 +118,40 @@ def _encoder(state: dict[str, Tensor]) -> str:
     return name
 
 
-def config_facts(input_name: str, output_stride: int | None) -> ConfigFacts:
-    """The published config's facts: by the published file name, else by the given output stride."""
+def facts_from_textproto(path: str | os.PathLike[str]) -> ConfigFacts:
+    """The facts of a deeplab2 ``.textproto`` config, with the proto files' defaults where it is silent
+    (``model.proto`` output_stride 32, ``trainer.proto`` batchnorm_epsilon 0.001, ``evaluator.proto``
+    nms_kernel 3, keep_k_centers 400, stuff_area_limit 0, center_score_threshold 0.1)."""
+    if not Path(path).is_file():
+        raise ConversionError(f"config {path} does not exist (a deeplab2 .textproto)")
+    fields = read_textproto(path)
+    backbone = str(field(fields, "model_options.backbone.name", ""))
+    if not backbone.startswith("mobilenet_v3"):
+        raise ConversionError(f"{path}: backbone {backbone!r} is not supported yet (MobileNetV3-Small and -Large are)")
+    rates = field(fields, "model_options.decoder", {}).get("atrous_rates", [])  # type: ignore[union-attr]
+    output_stride = int(field(fields, "model_options.backbone.output_stride", 32))  # type: ignore[arg-type]
+    if len(rates) != 3:
+        raise ConversionError(f"{path}: model_options.decoder needs three atrous_rates, found {rates}")
+    return ConfigFacts(
+        output_stride=output_stride,
+        bn_eps=float(field(fields, "trainer_options.solver_options.batchnorm_epsilon", 0.001)),  # type: ignore[arg-type]
+        aspp_rates=tuple(int(r) for r in rates),  # type: ignore[arg-type]
+        nms_kernel=int(field(fields, "evaluator_options.nms_kernel", 3)),  # type: ignore[arg-type]
+        top_k=int(field(fields, "evaluator_options.keep_k_centers", 400)),  # type: ignore[arg-type]
+        stuff_area=int(field(fields, "evaluator_options.stuff_area_limit", 0)),  # type: ignore[arg-type]
+        center_threshold=float(field(fields, "evaluator_options.center_score_threshold", 0.1)),  # type: ignore[arg-type]
+    )
+
+
+def config_facts(input_name: str, output_stride: int | None, config: str | os.PathLike[str] | None = None
+                 ) -> ConfigFacts:
+    """The facts of the checkpoint's config: from ``config`` (a ``.textproto``), else by the published file
+    name, else those of deeplab2's MobileNetV3 configs at the given output stride."""
+    if config is not None:
+        facts = facts_from_textproto(config)
+        if output_stride is not None and output_stride != facts.output_stride:
+            raise ConversionError(f"--output-stride {output_stride} contradicts {config} ({facts.output_stride})")
+        return facts
     if output_stride is not None:
         if output_stride not in MOBILENET_FACTS:
             raise ConversionError(f"deeplab2's MobileNetV3 configs use output stride 16 or 32, not {output_stride}")
@@ -134,11 +168,19 @@ def _out(state: dict[str, Tensor], name: str) -> int:
     return int(state[name].shape[3])  # HWIO kernels
 
 
-def model_config(
-    state: dict[str, Tensor], num_classes: int, output_stride: int | None = None, input_name: str = ""
-) -> ModelConfig:
-    """The options that rebuild deeplab2's network; widths from the shapes, the rest from :func:`config_facts`."""
-    facts = config_facts(input_name, output_stride)
+def configs(
+    state: dict[str, Tensor], num_classes: int, output_stride: int | None = None, input_name: str = "",
+    config: str | os.PathLike[str] | None = None,
+) -> tuple[ModelConfig, PostProcessConfig]:
+    """The network's options (widths from the shapes) and the post-processing, the rest from :func:`config_facts`."""
+    facts = config_facts(input_name, output_stride, config)
+    post = PostProcessConfig(center_threshold=facts.center_threshold, nms_kernel=facts.nms_kernel,
+                             top_k=facts.top_k, stuff_area=facts.stuff_area)
+    return model_config(state, num_classes, facts), post
+
+
+def model_config(state: dict[str, Tensor], num_classes: int, facts: ConfigFacts) -> ModelConfig:
+    """The options that rebuild deeplab2's network: widths from the shapes, the rest from ``facts``."""
     taps = sorted({k.split("/")[1] for k in state if k.startswith("semantic_decoder/_low_level_conv")})
     if taps != ["_low_level_conv1", "_low_level_conv2"]:
         raise ConversionError(f"{TITLE} checkpoint: decoder taps {taps}; expected two (res3, res2)")
@@ -182,12 +224,6 @@ def model_config(
         bn_eps=facts.bn_eps,
         init="he",
     )
-
-
-def postprocess_config(model_cfg: ModelConfig) -> PostProcessConfig:
-    facts = MOBILENET_FACTS[model_cfg.output_stride]
-    return PostProcessConfig(center_threshold=facts.center_threshold, nms_kernel=facts.nms_kernel,
-                             top_k=facts.top_k, stuff_area=facts.stuff_area)
 
 
 def _conv_kernel(kernel: Tensor) -> Tensor:

@@ -113,6 +113,12 @@ def postprocess_config(model_cfg: ModelConfig) -> PostProcessConfig:
     return PostProcessConfig(center_threshold=0.1, nms_kernel=7, top_k=200, stuff_area=2048)
 
 
+def configs(state: dict[str, Tensor], num_classes: int, train_crop: tuple[int, int] | None = None) -> tuple[ModelConfig, PostProcessConfig]:
+    """The network's options and the published configs' post-processing."""
+    model_cfg = model_config(state, num_classes, train_crop)
+    return model_cfg, postprocess_config(model_cfg)
+
+
 def num_classes_of(state: dict[str, Tensor]) -> int:
     return int(state["sem_seg_head.predictor.weight"].shape[0])
 

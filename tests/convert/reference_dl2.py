@@ -1,0 +1,252 @@
+"""An independent re-computation of deeplab2's Panoptic-DeepLab with a MobileNetV3 encoder, for the converter tests.
+
+Written from deeplab2's sources without this package's modules, and in deeplab2's own layout: tensors keep their
+checkpoint names and TensorFlow shapes (HWIO kernels, (kh, kw, C, 1) depthwise kernels), activations are NHWC, and
+convolutions are sums of shifted slices times kernel taps (not ``F.conv2d``), resizing is written out, so that
+neither the kernel transposes nor the layer choices of the converter are shared with this check.
+
+Sources: ``model/encoder/mobilenet.py`` (block specs, atrous rule, endpoints), ``model/layers/blocks.py``
+(``InvertedBottleneckBlock``), ``model/layers/squeeze_and_excite.py``, ``model/layers/convolutions.py``,
+``model/decoder/{aspp,panoptic_deeplab}.py``, ``model/deeplab.py`` and ``model/utils.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+# (kind, kernel, stride, filters, activation, se_ratio, expand_ratio, is_endpoint): MNV3*_BLOCK_SPECS.
+_S = [("c", 3, 2, 16, "hs", 0, 0, 1), ("b", 3, 2, 16, "re", .25, 1, 1), ("b", 3, 2, 24, "re", 0, 72 / 16, 0),
+      ("b", 3, 1, 24, "re", 0, 88 / 24, 1), ("b", 5, 2, 40, "hs", .25, 4, 0), ("b", 5, 1, 40, "hs", .25, 6, 0),
+      ("b", 5, 1, 40, "hs", .25, 6, 0), ("b", 5, 1, 48, "hs", .25, 3, 0), ("b", 5, 1, 48, "hs", .25, 3, 1),
+      ("b", 5, 2, 96, "hs", .25, 6, 0), ("b", 5, 1, 96, "hs", .25, 6, 0), ("b", 5, 1, 96, "hs", .25, 6, 0),
+      ("c", 1, 1, 576, "hs", 0, 0, 1)]
+_L = [("c", 3, 2, 16, "hs", 0, 0, 0), ("b", 3, 1, 16, "re", 0, 1, 1), ("b", 3, 2, 24, "re", 0, 4, 0),
+      ("b", 3, 1, 24, "re", 0, 3, 1), ("b", 5, 2, 40, "re", .25, 3, 0), ("b", 5, 1, 40, "re", .25, 3, 0),
+      ("b", 5, 1, 40, "re", .25, 3, 1), ("b", 3, 2, 80, "hs", 0, 6, 0), ("b", 3, 1, 80, "hs", 0, 2.5, 0),
+      ("b", 3, 1, 80, "hs", 0, 2.3, 0), ("b", 3, 1, 80, "hs", 0, 2.3, 0), ("b", 3, 1, 112, "hs", .25, 6, 0),
+      ("b", 3, 1, 112, "hs", .25, 6, 1), ("b", 5, 2, 160, "hs", .25, 6, 0), ("b", 5, 1, 160, "hs", .25, 6, 0),
+      ("b", 5, 1, 160, "hs", .25, 6, 0), ("c", 1, 1, 960, "hs", 0, 0, 1)]
+SPECS = {"small": _S, "large": _L}
+
+
+def _divisible(value: float, divisor: int = 8) -> int:
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * value else new
+
+
+def _layout(variant: str, output_stride: int) -> list[dict]:
+    """Per block: its input/expanded/output widths, stride, atrous rate and whether it is an endpoint."""
+    blocks, current, rate, cin = [], 1, 1, 3
+    for kind, k, s, f, act, se, er, end in SPECS[variant]:
+        if current == output_stride:
+            stride, layer_rate, rate = 1, rate, rate * s
+        else:
+            stride, layer_rate, current = s, 1, current * s
+        expanded = _divisible(cin * er) if kind == "b" and er > 1 else cin
+        blocks.append(dict(kind=kind, k=k, stride=stride, rate=layer_rate if k != 1 else 1, cin=cin,
+                           expanded=expanded, cout=f, act=act, se=se, residual=s == 1 and cin == f,
+                           endpoint=bool(end)))
+        cin = f
+    return blocks
+
+
+def dl2_tensors(variant: str, output_stride: int, num_classes: int, widths: dict[str, int], seed: int
+                ) -> dict[str, np.ndarray]:
+    """A deeplab2 checkpoint's model tensors with random values (names with the VARIABLE_VALUE suffix)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+
+    def kernel(name: str, shape: tuple[int, ...], fan_in: int) -> None:
+        out[name + VALUE] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    def bn(name: str, c: int) -> None:
+        out[f"{name}/gamma" + VALUE] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+        out[f"{name}/beta" + VALUE] = (rng.standard_normal(c) * 0.2).astype(np.float32)
+        out[f"{name}/moving_mean" + VALUE] = (rng.standard_normal(c) * 0.2).astype(np.float32)
+        out[f"{name}/moving_variance" + VALUE] = rng.uniform(0.5, 2.0, c).astype(np.float32)
+
+    def conv_bn(name: str, k: int, cin: int, cout: int) -> None:
+        kernel(f"{name}/_conv/kernel", (k, k, cin, cout), k * k * cin)
+        bn(f"{name}/_batch_norm", cout)
+
+    def separable(name: str, cin: int, cout: int) -> None:
+        kernel(f"{name}/_conv1_bn_act/_depthwise/_depthwise_conv/depthwise_kernel", (5, 5, cin, 1), 25)
+        bn(f"{name}/_conv1_bn_act/_depthwise/_batch_norm", cin)
+        conv_bn(f"{name}/_conv1_bn_act/_pointwise", 1, cin, cout)
+
+    last = 0
+    for i, b in enumerate(_layout(variant, output_stride)):
+        name = f"encoder/_blocks/{i}"
+        if b["kind"] == "c":
+            conv_bn(name, b["k"], b["cin"], b["cout"])
+            last = b["cout"]
+            continue
+        if b["expanded"] != b["cin"]:
+            conv_bn(f"{name}/_conv1_bn_act", 1, b["cin"], b["expanded"])
+        kernel(f"{name}/_conv2_bn_act/_depthwise_conv/depthwise_kernel", (b["k"], b["k"], b["expanded"], 1),
+               b["k"] ** 2)
+        bn(f"{name}/_conv2_bn_act/_batch_norm", b["expanded"])
+        if b["se"]:
+            reduced = _divisible(max(1, int(b["expanded"] * b["se"])))
+            kernel(f"{name}/_squeeze_excitation/_se_reduce/kernel", (1, 1, b["expanded"], reduced), b["expanded"])
+            out[f"{name}/_squeeze_excitation/_se_reduce/bias" + VALUE] = rng.standard_normal(reduced).astype(np.float32) * .1
+            kernel(f"{name}/_squeeze_excitation/_se_expand/kernel", (1, 1, reduced, b["expanded"]), reduced)
+            out[f"{name}/_squeeze_excitation/_se_expand/bias" + VALUE] = rng.standard_normal(b["expanded"]).astype(np.float32) * .1
+        conv_bn(f"{name}/_conv3_bn", 1, b["expanded"], b["cout"])
+    taps = _tap_channels(variant, output_stride)
+    for branch, prefix in (("semantic", "semantic_decoder"), ("instance", "instance_decoder")):
+        aspp, decoder = widths[f"{branch}_aspp"], widths[f"{branch}_decoder"]
+        conv_bn(f"{prefix}/_aspp/_conv_bn_act", 1, last, aspp)
+        for j in (1, 2, 3):
+            conv_bn(f"{prefix}/_aspp/_aspp_conv{j}/_conv_bn_act", 3, last, aspp)
+        conv_bn(f"{prefix}/_aspp/_aspp_pool/_conv_bn_act", 1, last, aspp)
+        conv_bn(f"{prefix}/_aspp/_proj_conv_bn_act", 1, 5 * aspp, aspp)
+        running = aspp
+        for j, (tap, project) in enumerate(zip(("res3", "res2"), widths[f"{branch}_low"]), start=1):
+            conv_bn(f"{prefix}/_low_level_conv{j}", 1, taps[tap], project)
+            separable(f"{prefix}/_fusion_conv{j}", running + project, decoder)
+            running = decoder
+    for tower, last_layer, cin, head, cout in (
+        ("semantic_head_without_last_layer", "semantic_last_layer", widths["semantic_decoder"],
+         widths["semantic_head"], num_classes),
+        ("instance_center_head_without_last_layer", "instance_center_head_last_layer",
+         widths["instance_decoder"], widths["instance_head"], 1),
+        ("instance_regression_head_without_last_layer", "instance_regression_head_last_layer",
+         widths["instance_decoder"], widths["instance_head"], 2),
+    ):
+        separable(tower, cin, head)
+        kernel(f"{last_layer}/kernel", (1, 1, head, cout), head)
+        out[f"{last_layer}/bias" + VALUE] = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+    return out
+
+
+def _tap_channels(variant: str, output_stride: int) -> dict[str, int]:
+    levels, channels = 0, {}
+    for b in _layout(variant, output_stride):
+        if b["endpoint"]:
+            levels += 1
+            channels[f"res{levels}"] = b["expanded"] if b["kind"] == "b" else b["cout"]
+    return channels
+
+
+# ------------------------------------------------------------------------------------------- forward (NHWC)
+
+
+def _conv(x: Tensor, kernel: Tensor, stride: int = 1, rate: int = 1, depthwise: bool = False) -> Tensor:
+    """``Conv2DSame`` / ``DepthwiseConv2DSame``: symmetric zero padding rate*(k-1)/2, then a sum over taps."""
+    k = kernel.shape[0]
+    pad = rate * (k - 1) // 2
+    x = torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad))
+    height = (x.shape[1] - rate * (k - 1) - 1) // stride + 1
+    width = (x.shape[2] - rate * (k - 1) - 1) // stride + 1
+    out = 0
+    for i in range(k):
+        for j in range(k):
+            window = x[:, i * rate: i * rate + stride * (height - 1) + 1: stride,
+                       j * rate: j * rate + stride * (width - 1) + 1: stride]
+            out = out + (window * kernel[i, j, :, 0] if depthwise else window @ kernel[i, j])
+    return out
+
+
+def _bn(x: Tensor, t: dict[str, Tensor], name: str, eps: float) -> Tensor:
+    return (x - t[f"{name}/moving_mean"]) / torch.sqrt(t[f"{name}/moving_variance"] + eps) * t[f"{name}/gamma"] \
+        + t[f"{name}/beta"]
+
+
+def _act(x: Tensor, name: str | None) -> Tensor:
+    if name == "re":
+        return torch.clamp(x, min=0)
+    if name == "hs":
+        return x * torch.clamp(x + 3, 0, 6) / 6
+    return x
+
+
+def _resize(x: Tensor, height: int, width: int) -> Tensor:
+    """Bilinear resize with align_corners=True (``resize_align_corners``), written out on NHWC."""
+    def axis(n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
+        pos = torch.arange(n_out, dtype=torch.float64) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+        low = pos.floor().long().clamp(max=n_in - 1)
+        high = (low + 1).clamp(max=n_in - 1)
+        return low, high, (pos - low).float()
+
+    y0, y1, wy = axis(x.shape[1], height)
+    x0, x1, wx = axis(x.shape[2], width)
+    rows = x[:, y0] * (1 - wy)[None, :, None, None] + x[:, y1] * wy[None, :, None, None]
+    return rows[:, :, x0] * (1 - wx)[None, None, :, None] + rows[:, :, x1] * wx[None, None, :, None]
+
+
+def dl2_forward(tensors: dict[str, np.ndarray], image255: np.ndarray, variant: str, output_stride: int,
+                atrous_rates: tuple[int, int, int], eps: float) -> dict[str, Tensor]:
+    """``DeepLab.call(training=False)`` on one HxWx3 image in 0..255: semantic [1, C, H, W], center [1, 1, H, W],
+    offset [1, 2, H, W] (channels first, to compare with the converted model)."""
+    t = {k.removesuffix(VALUE): torch.from_numpy(v).double() for k, v in tensors.items()}
+    x = torch.from_numpy(image255).double()[None] / 127.5 - 1.0
+
+    def conv_bn(x: Tensor, name: str, act: str | None, stride: int = 1, rate: int = 1) -> Tensor:
+        return _act(_bn(_conv(x, t[f"{name}/_conv/kernel"], stride, rate), t, f"{name}/_batch_norm", eps), act)
+
+    def separable(x: Tensor, name: str) -> Tensor:
+        block = f"{name}/_conv1_bn_act"
+        x = _conv(x, t[f"{block}/_depthwise/_depthwise_conv/depthwise_kernel"], depthwise=True)
+        x = _act(_bn(x, t, f"{block}/_depthwise/_batch_norm", eps), "re")
+        return conv_bn(x, f"{block}/_pointwise", "re")
+
+    endpoints, level = {}, 0
+    for i, b in enumerate(_layout(variant, output_stride)):
+        name = f"encoder/_blocks/{i}"
+        if b["kind"] == "c":
+            x = conv_bn(x, name, b["act"], b["stride"], b["rate"])
+            endpoint = x
+        else:
+            shortcut = x
+            if b["expanded"] != b["cin"]:
+                x = conv_bn(x, f"{name}/_conv1_bn_act", b["act"])
+            x = _conv(x, t[f"{name}/_conv2_bn_act/_depthwise_conv/depthwise_kernel"], b["stride"], b["rate"], True)
+            x = endpoint = _act(_bn(x, t, f"{name}/_conv2_bn_act/_batch_norm", eps), b["act"])
+            if b["se"]:
+                se = f"{name}/_squeeze_excitation"
+                pooled = x.mean(dim=(1, 2), keepdim=True)
+                gate = torch.clamp(pooled @ t[f"{se}/_se_reduce/kernel"][0, 0] + t[f"{se}/_se_reduce/bias"], min=0)
+                gate = torch.sigmoid(gate @ t[f"{se}/_se_expand/kernel"][0, 0] + t[f"{se}/_se_expand/bias"])
+                x = x * gate
+            x = _bn(_conv(x, t[f"{name}/_conv3_bn/_conv/kernel"]), t, f"{name}/_conv3_bn/_batch_norm", eps)
+            if b["residual"]:
+                x = x + shortcut
+        if b["endpoint"]:
+            level += 1
+            endpoints[f"res{level}"] = endpoint
+
+    def decoder(prefix: str) -> Tensor:
+        high = endpoints["res5"]
+        aspp = f"{prefix}/_aspp"
+        branches = [conv_bn(high, f"{aspp}/_conv_bn_act", "re")]
+        branches += [conv_bn(high, f"{aspp}/_aspp_conv{j}/_conv_bn_act", "re", rate=r)
+                     for j, r in zip((1, 2, 3), atrous_rates)]
+        pooled = conv_bn(high.mean(dim=(1, 2), keepdim=True), f"{aspp}/_aspp_pool/_conv_bn_act", "re")
+        branches.append(pooled.expand(-1, high.shape[1], high.shape[2], -1))
+        y = conv_bn(torch.cat(branches, dim=3), f"{aspp}/_proj_conv_bn_act", "re")
+        for j, tap in ((1, "res3"), (2, "res2")):
+            low = conv_bn(endpoints[tap], f"{prefix}/_low_level_conv{j}", "re")
+            y = _resize(y, low.shape[1], low.shape[2])
+            y = separable(torch.cat([y, low], dim=3), f"{prefix}/_fusion_conv{j}")
+        return y
+
+    def head(features: Tensor, tower: str, last: str) -> Tensor:
+        y = separable(features, tower)
+        return y @ t[f"{last}/kernel"][0, 0] + t[f"{last}/bias"]
+
+    semantic_features, instance_features = decoder("semantic_decoder"), decoder("instance_decoder")
+    height, width = image255.shape[:2]
+    semantic = head(semantic_features, "semantic_head_without_last_layer", "semantic_last_layer")
+    center = head(instance_features, "instance_center_head_without_last_layer", "instance_center_head_last_layer")
+    offset = head(instance_features, "instance_regression_head_without_last_layer",
+                  "instance_regression_head_last_layer")
+    # resize_and_rescale_offsets: scale by (target - 1) / (source - 1) per axis, then resize.
+    scale = torch.tensor([(height - 1) / (offset.shape[1] - 1), (width - 1) / (offset.shape[2] - 1)], dtype=torch.float64)
+    outputs = {"semantic": _resize(semantic, height, width), "center": _resize(center, height, width),
+               "offset": _resize(offset * scale, height, width)}
+    return {k: v.permute(0, 3, 1, 2).float() for k, v in outputs.items()}
