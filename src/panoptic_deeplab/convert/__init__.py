@@ -21,7 +21,7 @@ from panoptic_deeplab.data.coco_panoptic import DatasetMeta
 from panoptic_deeplab.data.metadata import dataset_meta
 
 from . import bowenc0221, deeplab2, detectron2
-from .common import URL_PATTERN, ConversionError, fetch, load_strict
+from .common import ConversionError, fetch, file_name_of, load_strict
 
 SOURCES: dict[str, ModuleType] = {bowenc0221.NAME: bowenc0221, detectron2.NAME: detectron2, deeplab2.NAME: deeplab2}
 # The dataset a published model was trained on, told by its number of classes.
@@ -99,7 +99,7 @@ def convert_checkpoint(
             raise ConversionError("config (a .textproto) applies to --from dl2 only")
         options["config"] = config
     if source == deeplab2.NAME:  # the published file name tells the config (output stride, BN epsilon)
-        options["input_name"] = Path(URL_PATTERN.sub("", str(input)).split("?")[0]).name
+        options["input_name"] = file_name_of(str(input))
     model_cfg, post_cfg = module.configs(state, num_classes, **options)
     model = build_model(model_cfg)
     load_strict(model, state, module.key_map(model, state), what=f"{path} ({module.TITLE})")
@@ -122,7 +122,7 @@ def output_path(input: str | os.PathLike[str], output: str | os.PathLike[str]) -
     """
     output = Path(output)
     if output.is_dir():
-        stem = Path(URL_PATTERN.sub("", str(input)).rstrip("/").split("?")[0]).stem or "converted"
+        stem = Path(file_name_of(str(input))).stem or "converted"
         output = output / f"{stem}.pt"
         if output.is_dir():
             raise ConversionError(f"--output {output} is a directory: give the file to write, e.g. {output}.pt")

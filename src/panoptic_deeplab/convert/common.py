@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from panoptic_deeplab.engine.checkpoint import load_tensors_only
 from panoptic_deeplab.modeling.backbone import summarize_names
 
+from .tf_checkpoint import names_tf_checkpoint
+
 # BN buffers that carry no information for inference and that some writers drop (D2 model-zoo .pkl files).
 OPTIONAL_SUFFIXES = (".num_batches_tracked",)
 
@@ -164,7 +166,7 @@ def read_reference_file(path: str | os.PathLike[str], what: str) -> Any:
     """Read a ``.pkl`` (pickle of numpy arrays) or a torch file, with clear errors for the wrong kind."""
     path = Path(path)
     if path.is_dir():
-        hint = ": it holds a TensorFlow checkpoint (*.index), use --from dl2" if any(path.glob("*.index")) else ""
+        hint = ": it holds a TensorFlow checkpoint (*.index), use --from dl2" if names_tf_checkpoint(path) else ""
         raise ConversionError(f"{path} is a directory, not a {what} checkpoint file{hint}")
     if not path.is_file():
         raise ConversionError(f"{path} does not exist")
@@ -181,8 +183,7 @@ def read_reference_file(path: str | os.PathLike[str], what: str) -> Any:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConversionError(f"cannot read {path} as a {what} checkpoint (truncated or not a checkpoint): {first}") from None
-    if head.startswith(b"\x1f\x8b") or path.name.endswith(".index") or ".data-" in path.name:
-        # gzip: deeplab2 publishes its TF2 checkpoints as .tar.gz
+    if head.startswith(b"\x1f\x8b") or names_tf_checkpoint(path):  # gzip: a .tar.gz of whatever name
         raise ConversionError(f"{path} is not a {what} checkpoint: it looks like a deeplab2 TF checkpoint: use --from dl2")
     raise ConversionError(
         f"{path} is not a {what} checkpoint: it is neither a torch file nor a pickle (first bytes {head!r})"
@@ -263,7 +264,7 @@ def fetch(
         return Path(url_or_path)
     from tqdm import tqdm
 
-    name = url_or_path.rstrip("/").rsplit("/", 1)[-1].split("?")[0] or "download"
+    name = file_name_of(url_or_path) or "download"
     digest = hashlib.sha256(url_or_path.encode()).hexdigest()[:12]
     target = cache_dir() / digest / name
     if not target.is_file():
@@ -297,6 +298,11 @@ def fetch(
                 "download again"
             )
     return target
+
+
+def file_name_of(url_or_path: str) -> str:
+    """The last component of a path or URL, without a query (``.../model_final_23d03a.pkl?dl=1`` -> the name)."""
+    return url_or_path.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
 
 
 def file_sha256(path: Path) -> str:

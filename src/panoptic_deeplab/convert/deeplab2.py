@@ -31,7 +31,7 @@ from panoptic_deeplab.config import ModelConfig, PostProcessConfig
 
 from .common import ConversionError, KeyMap, guess_family, read_reference_file
 from .textproto import field, read_textproto
-from .tf_checkpoint import VARIABLE_SUFFIX, TFCheckpointError, read_tf_checkpoint
+from .tf_checkpoint import VARIABLE_SUFFIX, TFCheckpointError, names_tf_checkpoint, read_tf_checkpoint
 
 NAME = "dl2"
 TITLE = "deeplab2"
@@ -78,7 +78,7 @@ def is_model_tensor(name: str) -> bool:
 def read(path: Path) -> dict[str, Tensor]:
     """The model's tensors (``.ATTRIBUTES/VARIABLE_VALUE`` dropped from the names) of a ``.tar.gz``, a folder or
     a ``ckpt-N`` prefix."""
-    if path.is_file() and not path.name.endswith((".tar.gz", ".tgz", ".tar", ".index")) and ".data-" not in path.name:
+    if path.is_file() and not names_tf_checkpoint(path):
         _refuse_other_family(path)
     try:
         tensors = read_tf_checkpoint(path, is_model_tensor)

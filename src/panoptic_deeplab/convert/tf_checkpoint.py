@@ -34,7 +34,8 @@ import google_crc32c
 import torch
 from torch import Tensor
 
-__all__ = ["TFCheckpointError", "TensorEntry", "checkpoint_prefix", "read_index", "read_tf_checkpoint"]
+__all__ = ["TFCheckpointError", "TensorEntry", "checkpoint_prefix", "names_tf_checkpoint", "read_index",
+           "read_tf_checkpoint"]
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -47,6 +48,7 @@ DTYPES = {
 DT_STRING = 7
 # The suffix Keras' object-based saver puts on every variable (tensorflow/python/training/saving).
 VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")  # deeplab2 publishes a .tar.gz of the checkpoint's folder
 
 
 class TFCheckpointError(ValueError):
@@ -218,6 +220,14 @@ def read_index(index_path: str | os.PathLike[str]) -> tuple[int, dict[str, Tenso
 # ------------------------------------------------------------------------------------------- files
 
 
+def names_tf_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is what :func:`read_tf_checkpoint` takes: an archive, an ``.index`` or data shard, or a
+    folder holding an ``.index`` (by names only, nothing is read)."""
+    if path.is_dir():
+        return any(path.glob("*.index"))
+    return path.name.endswith((*ARCHIVE_SUFFIXES, ".index")) or ".data-" in path.name
+
+
 def checkpoint_prefix(path: str | os.PathLike[str]) -> Path:
     """``ckpt-N`` from ``ckpt-N``, ``ckpt-N.index``, a ``ckpt-N.data-*`` shard or a folder with one checkpoint."""
     path = Path(path)
@@ -254,7 +264,7 @@ def read_tf_checkpoint(
     ``ckpt-N`` prefix (or its ``.index``). String tensors are never returned.
     """
     path = Path(path)
-    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+    if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
         with tempfile.TemporaryDirectory(prefix="tf_checkpoint_") as tmp:
             _extract_checkpoint(path, Path(tmp))
             return read_tf_checkpoint(tmp, keep)
