@@ -98,3 +98,70 @@ def test_config_textproto_sets_what_the_checkpoint_does_not_record(tmp_path) -> 
         [torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
     theirs = dl2_forward(tensors, image.astype(np.float64), "small", 16, (2, 4, 6), 1e-4)
     assert float((ours["semantic"] - theirs["semantic"]).abs().max() / theirs["semantic"].std()) < 1e-4
+
+
+def _prefix_of(tmp_path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    write_tf_checkpoint(tmp_path / "ckpt" / "ckpt-7", tensors)
+    return tmp_path / "ckpt" / "ckpt-7"
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("drop_semantic", r"is not a deeplab2 Panoptic-DeepLab checkpoint \(no semantic_last_layer\)"),
+    ("drop_instance", r"is a deeplab2 checkpoint without instance heads \(a semantic-only DeepLab\)"),
+    ("drop_block", r"unsupported encoder \(12 MobileNet blocks, parts \['_blocks'\]\); supported: MobileNetV3-Small"),
+    ("head_widths", r"center head 8 and offset head 12 channels differ"),
+])
+def test_dl2_checkpoints_that_do_not_fit(tmp_path, damage, match) -> None:
+    from panoptic_deeplab.convert import ConversionError
+
+    tensors = dl2_tensors("small", 32, 19, NARROW_WIDTHS, seed=5)
+    if damage == "drop_semantic":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("semantic_last_layer/")}
+    elif damage == "drop_instance":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("instance_center_head_last_layer/")}
+    elif damage == "drop_block":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("encoder/_blocks/12/")}
+    else:
+        name = "instance_regression_head_without_last_layer/_conv1_bn_act/_pointwise/_conv/kernel/.ATTRIBUTES/VARIABLE_VALUE"
+        tensors[name] = np.zeros((1, 1, 24, 12), np.float32)
+    out = tmp_path / "out.pt"
+    with pytest.raises(ConversionError, match=match):
+        convert_checkpoint("dl2", _prefix_of(tmp_path, tensors), out, output_stride=32, progress=False)
+    assert not out.exists()
+
+
+def test_dl2_truncated_data_shard(tmp_path) -> None:
+    from panoptic_deeplab.convert import ConversionError
+
+    prefix = _prefix_of(tmp_path, dl2_tensors("small", 32, 19, NARROW_WIDTHS, seed=6))
+    data = prefix.with_name("ckpt-7.data-00000-of-00001")
+    data.write_bytes(data.read_bytes()[:-1000])
+    with pytest.raises(ConversionError, match=r"ckpt-7.data-00000-of-00001: tensor .* needs \d+ bytes at offset \d+, "
+                                              r"found \d+ \(truncated file\?\)"):
+        convert_checkpoint("dl2", prefix, tmp_path / "out.pt", output_stride=32, progress=False)
+
+
+def test_dl2_options_that_contradict(tmp_path) -> None:
+    from panoptic_deeplab.convert import ConversionError
+
+    prefix = _prefix_of(tmp_path, dl2_tensors("small", 32, 19, NARROW_WIDTHS, seed=7))
+    config = tmp_path / "c.textproto"
+    config.write_text('model_options { backbone { name: "mobilenet_v3_small" output_stride: 32 }\n'
+                      '  decoder { atrous_rates: 3 atrous_rates: 6 atrous_rates: 9 } }\n')
+    with pytest.raises(ConversionError, match=r"--output-stride 16 contradicts .*c.textproto \(32\)"):
+        convert_checkpoint("dl2", prefix, tmp_path / "o.pt", output_stride=16, config=config, progress=False)
+    with pytest.raises(ConversionError, match=r"deeplab2's MobileNetV3 configs use output stride 16 or 32, not 8"):
+        convert_checkpoint("dl2", prefix, tmp_path / "o.pt", output_stride=8, progress=False)
+    with pytest.raises(ConversionError, match=r"config \(a .textproto\) applies to --from dl2 only"):
+        convert_checkpoint("bc", prefix, tmp_path / "o.pt", config=config, progress=False)
+    with pytest.raises(ConversionError, match=r"ckpt is a directory, not a detectron2 checkpoint file: it holds a "
+                                              r"TensorFlow checkpoint \(\*.index\), use --from dl2"):
+        convert_checkpoint("d2", prefix.parent, tmp_path / "o.pt", progress=False)
+
+
+def test_dl2_backbone_has_no_imagenet_weights() -> None:
+    from panoptic_deeplab.modeling.backbone import Backbone
+
+    with pytest.raises(ValueError, match=r"backbone 'dl2_mobilenetv3_small' has no ImageNet weights of its own: start "
+                                         r"from a converted deeplab2 checkpoint"):
+        Backbone("dl2_mobilenetv3_small", 32, pretrained=True)

@@ -72,6 +72,8 @@ def convert_checkpoint(
         raise ConversionError("output_stride applies to --from bc and dl2 only (detectron2's models are os16)")
     if train_crop is not None and source != detectron2.NAME:
         raise ConversionError("train_crop applies to --from d2 only (its ASPP pooling window)")
+    if config is not None and source != deeplab2.NAME:
+        raise ConversionError("config (a .textproto) applies to --from dl2 only")
     output = output_path(input, output)
     path = fetch(str(input), progress=progress)
     state = module.read(path)
@@ -95,8 +97,6 @@ def convert_checkpoint(
     if train_crop is not None:
         options["train_crop"] = train_crop
     if config is not None:
-        if source != deeplab2.NAME:
-            raise ConversionError("config (a .textproto) applies to --from dl2 only")
         options["config"] = config
     if source == deeplab2.NAME:  # the published file name tells the config (output stride, BN epsilon)
         options["input_name"] = file_name_of(str(input))
