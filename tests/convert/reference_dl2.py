@@ -1,4 +1,4 @@
-"""An independent re-computation of deeplab2's Panoptic-DeepLab with a MobileNetV3 encoder, for the converter tests.
+"""An independent re-computation of deeplab2's Panoptic-DeepLab (MobileNetV3 and residual encoders) for the tests.
 
 Written from deeplab2's sources without this package's modules, and in deeplab2's own layout: tensors keep their
 checkpoint names and TensorFlow shapes (HWIO kernels, (kh, kw, C, 1) depthwise kernels), activations are NHWC, and
@@ -6,8 +6,13 @@ convolutions are sums of shifted slices times kernel taps (not ``F.conv2d``), re
 neither the kernel transposes nor the layer choices of the converter are shared with this check.
 
 Sources: ``model/encoder/mobilenet.py`` (block specs, atrous rule, endpoints), ``model/layers/blocks.py``
-(``InvertedBottleneckBlock``), ``model/layers/squeeze_and_excite.py``, ``model/layers/convolutions.py``,
-``model/decoder/{aspp,panoptic_deeplab}.py``, ``model/deeplab.py`` and ``model/utils.py``.
+(``InvertedBottleneckBlock``), ``model/layers/squeeze_and_excite.py``, ``model/encoder/axial_resnet.py`` and
+``axial_resnet_instances.py`` (stems, stage widths and strides), ``model/layers/axial_block_groups.py`` (strides,
+atrous rates, block widths), ``model/layers/axial_blocks.py`` (pre-activated blocks, shortcuts),
+``model/layers/stems.py``, ``model/layers/convolutions.py``, ``model/decoder/{aspp,panoptic_deeplab}.py``,
+``model/deeplab.py`` and ``model/utils.py``.
+
+Encoders: ``small`` / ``large`` (MobileNetV3), ``resnet50``, ``resnet50_beta``, ``wide_resnet41``.
 """
 
 from __future__ import annotations
@@ -54,6 +59,60 @@ def _layout(variant: str, output_stride: int) -> list[dict]:
     return blocks
 
 
+# backbone_type and num_blocks of axial_resnet_instances' ResNet50, ResNet50Beta and SWideRNet (wide_resnet41),
+# with AxialResNet's [3] blocks of _stage1 for wider_resnet.
+RESNETS = {"resnet50": ("resnet", [3, 4, 6, 3]), "resnet50_beta": ("resnet_beta", [3, 4, 6, 3]),
+           "wide_resnet41": ("wider_resnet", [3, 3, 6, 3, 3])}
+
+
+def _resnet_layout(name: str, output_stride: int) -> tuple[list[dict], dict[str, int]]:
+    """AxialResNet + BlockGroup: per block its stage, widths, stride, rates; and the endpoints' channels."""
+    kind, num_blocks = RESNETS[name]
+    input_strides, strides, filters = [1, 2, 4, 8, 16], [2] * 5, [32, 64, 128, 256, 512]
+    if kind == "wider_resnet":
+        input_strides[0], strides[0] = 2, 1
+    first = 5 - len(num_blocks)
+    cin = 128 if kind == "resnet_beta" else 64
+    blocks, channels = [], {}
+    for index in range(first, 5):
+        current, stage_out = input_strides[index], input_strides[index] * strides[index]
+        f = filters[index]
+        widths = [f, f, 4 * f] if kind != "wider_resnet" else ([4 * f, 4 * f] if stage_out < 32 else [f, 2 * f, 4 * f])
+        for b in range(num_blocks[index - first]):
+            rate = current // output_stride if current > output_stride else 1
+            blocks.append(dict(
+                name=f"encoder/_stage{index + 1}/_block{b + 1}", cin=cin, widths=widths,
+                stride=strides[index] if b == 0 and input_strides[index] < output_stride else 1, rate=rate,
+                second_rate=stage_out // output_stride if b == 0 and stage_out > output_stride else rate,
+                endpoint=f"res{index + 1}" if b == num_blocks[index - first] - 1 else None))
+            if b == 0 and strides[index] > 1:
+                current *= strides[index]
+            cin = widths[-1]
+        channels[f"res{index + 1}"] = cin
+    return blocks, channels
+
+
+def _resnet_tensors(name: str, output_stride: int, conv_bn) -> None:  # noqa: ANN001
+    kind = RESNETS[name][0]
+    if kind == "resnet_beta":
+        conv_bn("encoder/_stem/_conv1_bn_act", 3, 3, 64)
+        conv_bn("encoder/_stem/_conv2_bn_act", 3, 64, 64)
+        conv_bn("encoder/_stem/_conv3_bn", 3, 64, 128)
+    else:
+        conv_bn("encoder/_stem", 7 if kind == "resnet" else 3, 3, 64)
+    for b in _resnet_layout(name, output_stride)[0]:
+        w = b["widths"]
+        if len(w) == 3:
+            conv_bn(f"{b['name']}/_conv1_bn_act", 1, b["cin"], w[0])
+            conv_bn(f"{b['name']}/_conv2_bn_act", 3, w[0], w[1])
+            conv_bn(f"{b['name']}/_conv3_bn", 1, w[1], w[2])
+        else:
+            conv_bn(f"{b['name']}/_conv1_bn_act", 3, b["cin"], w[0])
+            conv_bn(f"{b['name']}/_conv2_bn", 3, w[0], w[1])
+        if b["cin"] != w[-1]:
+            conv_bn(f"{b['name']}/_shortcut", 1, b["cin"], w[-1])
+
+
 def dl2_tensors(variant: str, output_stride: int, num_classes: int, widths: dict[str, int], seed: int
                 ) -> dict[str, np.ndarray]:
     """A deeplab2 checkpoint's model tensors with random values (names with the VARIABLE_VALUE suffix)."""
@@ -79,7 +138,10 @@ def dl2_tensors(variant: str, output_stride: int, num_classes: int, widths: dict
         conv_bn(f"{name}/_conv1_bn_act/_pointwise", 1, cin, cout)
 
     last = 0
-    for i, b in enumerate(_layout(variant, output_stride)):
+    if variant in RESNETS:
+        _resnet_tensors(variant, output_stride, conv_bn)
+        last = _tap_channels(variant, output_stride)["res5"]
+    for i, b in enumerate(_layout(variant, output_stride) if variant in SPECS else []):
         name = f"encoder/_blocks/{i}"
         if b["kind"] == "c":
             conv_bn(name, b["k"], b["cin"], b["cout"])
@@ -125,6 +187,8 @@ def dl2_tensors(variant: str, output_stride: int, num_classes: int, widths: dict
 
 
 def _tap_channels(variant: str, output_stride: int) -> dict[str, int]:
+    if variant in RESNETS:
+        return _resnet_layout(variant, output_stride)[1]
     levels, channels = 0, {}
     for b in _layout(variant, output_stride):
         if b["endpoint"]:
@@ -179,6 +243,45 @@ def _resize(x: Tensor, height: int, width: int) -> Tensor:
     return rows[:, :, x0] * (1 - wx)[None, None, :, None] + rows[:, :, x1] * wx[None, None, :, None]
 
 
+def _resnet_endpoints(x: Tensor, name: str, output_stride: int, conv_bn) -> dict[str, Tensor]:  # noqa: ANN001
+    """AxialResNet.call_encoder_before_stacked_decoder: stem without activation, pre-activated blocks,
+    endpoints = ReLU of each stage's output."""
+    relu = torch.relu
+    if RESNETS[name][0] == "resnet_beta":
+        x = conv_bn(x, "encoder/_stem/_conv1_bn_act", "re", stride=2)
+        x = conv_bn(x, "encoder/_stem/_conv2_bn_act", "re")
+        x = conv_bn(x, "encoder/_stem/_conv3_bn", None)
+    else:
+        x = conv_bn(x, "encoder/_stem", None, stride=2)
+    endpoints = {}
+    for b in _resnet_layout(name, output_stride)[0]:
+        inputs, s = relu(x), b["stride"]
+        shortcut = conv_bn(inputs, f"{b['name']}/_shortcut", None, stride=s) if b["cin"] != b["widths"][-1] \
+            else inputs[:, ::s, ::s]
+        if len(b["widths"]) == 3:
+            y = conv_bn(inputs, f"{b['name']}/_conv1_bn_act", "re")
+            y = conv_bn(y, f"{b['name']}/_conv2_bn_act", "re", stride=s, rate=b["rate"])
+            y = conv_bn(y, f"{b['name']}/_conv3_bn", None)
+        else:
+            y = conv_bn(inputs, f"{b['name']}/_conv1_bn_act", "re", stride=s, rate=b["rate"])
+            y = conv_bn(y, f"{b['name']}/_conv2_bn", None, rate=b["second_rate"])
+        x = y + shortcut
+        if b["endpoint"]:
+            endpoints[b["endpoint"]] = relu(x)
+    return endpoints
+
+
+def reference_endpoints(tensors: dict[str, np.ndarray], image255: np.ndarray, variant: str, output_stride: int,
+                        eps: float) -> dict[str, Tensor]:
+    """A residual encoder's endpoints res2 .. res5 (NHWC, float64) on one HxWx3 image in 0..255."""
+    t = {k.removesuffix(VALUE): torch.from_numpy(v).double() for k, v in tensors.items()}
+
+    def conv_bn(x: Tensor, name: str, act: str | None, stride: int = 1, rate: int = 1) -> Tensor:
+        return _act(_bn(_conv(x, t[f"{name}/_conv/kernel"], stride, rate), t, f"{name}/_batch_norm", eps), act)
+
+    return _resnet_endpoints(torch.from_numpy(image255).double()[None] / 127.5 - 1.0, variant, output_stride, conv_bn)
+
+
 def dl2_forward(tensors: dict[str, np.ndarray], image255: np.ndarray, variant: str, output_stride: int,
                 atrous_rates: tuple[int, int, int], eps: float) -> dict[str, Tensor]:
     """``DeepLab.call(training=False)`` on one HxWx3 image in 0..255: semantic [1, C, H, W], center [1, 1, H, W],
@@ -196,7 +299,9 @@ def dl2_forward(tensors: dict[str, np.ndarray], image255: np.ndarray, variant: s
         return conv_bn(x, f"{block}/_pointwise", "re")
 
     endpoints, level = {}, 0
-    for i, b in enumerate(_layout(variant, output_stride)):
+    if variant in RESNETS:
+        endpoints = _resnet_endpoints(x, variant, output_stride, conv_bn)
+    for i, b in enumerate(_layout(variant, output_stride) if variant in SPECS else []):
         name = f"encoder/_blocks/{i}"
         if b["kind"] == "c":
             x = conv_bn(x, name, b["act"], b["stride"], b["rate"])

@@ -223,5 +223,6 @@ def test_other_references_files_are_told_apart(tmp_path) -> None:
 
 
 def test_output_stride_is_needed_for_unpublished_files(tmp_path) -> None:
-    with pytest.raises(ConversionError, match=r"is not a published deeplab2 file.*give --output-stride 16 or 32"):
+    with pytest.raises(ConversionError, match=r"dl2_mnv3s_os32_narrow.tar.gz is not a published deeplab2 file.*give "
+                                              r"--config \(its .textproto\) or --output-stride 16 or 32"):
         convert_checkpoint("dl2", ARCHIVE, tmp_path / "out.pt", progress=False)

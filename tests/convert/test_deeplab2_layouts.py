@@ -27,16 +27,20 @@ NARROW_WIDTHS = dict(semantic_aspp=24, semantic_decoder=40, semantic_low=(16, 8)
 
 
 def _archive(folder: Path, name: str, tensors: dict[str, np.ndarray]) -> Path:
-    """``name``: a .tar.gz of ``ckpt/ckpt-1000.{index,data-*}`` with optimizer state beside the model."""
+    """``name``: a .tar.gz of ``ckpt/ckpt-1000.{index,data-*}`` with optimizer state beside the model; a name
+    without the suffix: the folder itself (as the archive unpacks; faster for big models)."""
     extra = {"global_step/.ATTRIBUTES/VARIABLE_VALUE": np.array(1000, np.int64),
              "save_counter/.ATTRIBUTES/VARIABLE_VALUE": np.array(1, np.int64),
              "optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE": np.array(1000, np.int64)}
     for key in list(tensors)[:20]:
         path = key.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE")
         extra[f"{path}/.OPTIMIZER_SLOT/optimizer/m/.ATTRIBUTES/VARIABLE_VALUE"] = np.zeros_like(tensors[key])
+    if not name.endswith(".tar.gz"):
+        write_tf_checkpoint(folder / name / "ckpt-1000", {**tensors, **extra})
+        return folder / name
     write_tf_checkpoint(folder / "ckpt" / "ckpt-1000", {**tensors, **extra})
     archive = folder / name
-    with tarfile.open(archive, "w:gz") as tar:
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
         tar.add(folder / "ckpt", arcname="ckpt")
     return archive
 
@@ -48,18 +52,24 @@ def _archive(folder: Path, name: str, tensors: dict[str, np.ndarray]) -> Path:
         ("large", 16, PUBLISHED_WIDTHS, "mobilenet_v3_large_os16_panoptic_deeplab_cityscapes_dwo.tar.gz"),
         ("small", 16, NARROW_WIDTHS, "my_mnv3s_os16.tar.gz"),
         ("large", 32, NARROW_WIDTHS, "my_mnv3l_os32.tar.gz"),
+        # deeplab2's residual encoders: 7x7 stem, Inception stem, Wide-ResNet's basic blocks; no max-pool. Folders
+        # named as the published archives tell the config as the archives do.
+        ("resnet50", 32, NARROW_WIDTHS, "resnet50_os32_panoptic_deeplab_cityscapes_trainfine"),
+        ("resnet50_beta", 16, NARROW_WIDTHS, "my_r50beta_os16"),
+        ("wide_resnet41", 16, NARROW_WIDTHS, "wide_resnet41_os16_panoptic_deeplab_cityscapes_trainfine"),
     ],
 )
 def test_dl2_outputs_equal_reference(tmp_path, variant, output_stride, widths, name) -> None:
     tensors = dl2_tensors(variant, output_stride, 19, widths, seed=output_stride + len(variant))
     archive = _archive(tmp_path, name, tensors)
-    published = name.startswith("mobilenet_v3_")
+    published = not name.startswith("my_")
+    rates = (6, 12, 18) if output_stride == 16 else (3, 6, 9)
     converted = convert_checkpoint("dl2", archive, tmp_path / "out.pt", progress=False,
                                    output_stride=None if published else output_stride)
     model_cfg = converted.config.model
-    assert model_cfg.backbone == f"dl2_mobilenetv3_{variant}" and model_cfg.output_stride == output_stride
-    eps = 1e-5 if output_stride == 16 else 1e-3
-    rates = (6, 12, 18) if output_stride == 16 else (3, 6, 9)
+    ours_name = f"dl2_mobilenetv3_{variant}" if variant in ("small", "large") else f"dl2_{variant}"
+    assert model_cfg.backbone == ours_name and model_cfg.output_stride == output_stride
+    eps = 1e-5 if output_stride == 16 and variant in ("small", "large") else 1e-3
     assert model_cfg.bn_eps == eps and tuple(model_cfg.aspp_rates) == rates
 
     image = np.random.default_rng(1).integers(0, 256, (129, 161, 3), dtype=np.uint8)
@@ -108,7 +118,8 @@ def _prefix_of(tmp_path: Path, tensors: dict[str, np.ndarray]) -> Path:
 @pytest.mark.parametrize("damage, match", [
     ("drop_semantic", r"is not a deeplab2 Panoptic-DeepLab checkpoint \(no semantic_last_layer\)"),
     ("drop_instance", r"is a deeplab2 checkpoint without instance heads \(a semantic-only DeepLab\)"),
-    ("drop_block", r"unsupported encoder \(12 MobileNet blocks, parts \['_blocks'\]\); supported: MobileNetV3-Small"),
+    ("drop_block", r"unsupported encoder \(12 MobileNet blocks\); supported: MobileNetV3-Small, MobileNetV3-Large, "
+                   r"ResNet-50, ResNet-50-Beta, Wide-ResNet-41"),
     ("head_widths", r"center head 8 and offset head 12 channels differ"),
 ])
 def test_dl2_checkpoints_that_do_not_fit(tmp_path, damage, match) -> None:
@@ -128,6 +139,74 @@ def test_dl2_checkpoints_that_do_not_fit(tmp_path, damage, match) -> None:
     with pytest.raises(ConversionError, match=match):
         convert_checkpoint("dl2", _prefix_of(tmp_path, tensors), out, output_stride=32, progress=False)
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def resnet50_tensors() -> dict[str, np.ndarray]:
+    return dl2_tensors("resnet50", 32, 19, NARROW_WIDTHS, seed=8)
+
+
+@pytest.mark.parametrize("damage, match", [
+    # use_squeeze_and_excite: true adds a SimplifiedSqueezeAndExcite to every block
+    ("squeeze_excite", r"its residual encoder has layers \['_squeeze_and_excite'\] \(squeeze-and-excite, switchable "
+                       r"atrous convolution or axial attention\), which are not rebuilt"),
+    # backbone_layer_multiplier != 1 changes the number of blocks
+    ("fewer_blocks", r"a ResNet-50-like encoder with \(3, 4, 5, 3\) blocks per stage, not \(3, 4, 6, 3\)"),
+    ("other_config", r"other.textproto is a config of backbone 'mobilenet_v3_small', but the checkpoint holds a "
+                     r"ResNet-50 \('resnet50'\)"),
+    ("output_stride_8", r"deeplab2's residual configs use output stride 16 or 32, not 8: give --config"),
+])
+def test_dl2_residual_checkpoints_that_do_not_fit(tmp_path, resnet50_tensors, damage, match) -> None:
+    from panoptic_deeplab.convert import ConversionError
+
+    tensors, options = dict(resnet50_tensors), dict(output_stride=32)
+    if damage == "squeeze_excite":
+        se = "encoder/_stage2/_block1/_squeeze_and_excite/_se_conv/"  # SimplifiedSqueezeAndExcite
+        tensors[se + "kernel/.ATTRIBUTES/VARIABLE_VALUE"] = np.zeros((1, 1, 256, 256), np.float32)
+        tensors[se + "bias/.ATTRIBUTES/VARIABLE_VALUE"] = np.zeros(256, np.float32)
+    elif damage == "fewer_blocks":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("encoder/_stage4/_block6/")}
+    elif damage == "other_config":
+        config = tmp_path / "other.textproto"
+        config.write_text('model_options { backbone { name: "mobilenet_v3_small" output_stride: 32 }\n'
+                          '  decoder { atrous_rates: 3 atrous_rates: 6 atrous_rates: 9 } }\n')
+        options = dict(config=config)
+    else:
+        options = dict(output_stride=8)
+    out = tmp_path / "out.pt"
+    with pytest.raises(ConversionError, match=match):
+        convert_checkpoint("dl2", _prefix_of(tmp_path, tensors), out, progress=False, **options)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("variant", ["resnet50", "resnet50_beta", "wide_resnet41"])
+def test_dl2_residual_encoders_at_output_stride_8(variant) -> None:
+    """No published config uses os8, but its atrous rule is deeplab2's (a basic block's second conv already at the
+    stage's final rate): the encoder's endpoints against the reference's."""
+    from panoptic_deeplab.convert.deeplab2 import key_map
+    from panoptic_deeplab.modeling.dl2_resnet import DeepLab2ResNet
+
+    from reference_dl2 import VALUE, reference_endpoints
+
+    tensors = {k: v for k, v in dl2_tensors(variant, 8, 19, NARROW_WIDTHS, seed=9).items() if k.startswith("encoder/")}
+    encoder = DeepLab2ResNet(variant, output_stride=8, bn_eps=1e-3).eval()
+    holder = torch.nn.Module()
+    holder.backbone = torch.nn.Module()
+    holder.backbone.body = encoder
+    entries = key_map(holder, {}).entries
+    state = {ours.removeprefix("backbone.body."): torch.from_numpy(tensors[theirs + VALUE]) if transform is None
+             else transform(torch.from_numpy(tensors[theirs + VALUE])) for ours, (theirs, transform) in entries.items()
+             if ours.startswith("backbone.body.")}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith(".num_batches_tracked") for k in missing)
+    image = np.random.default_rng(3).integers(0, 256, (49, 67, 3), dtype=np.uint8)
+    with torch.no_grad():
+        ours = encoder(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    theirs = reference_endpoints(tensors, image.astype(np.float64), variant, 8, 1e-3)
+    for key, mine in zip(("res2", "res3", "res4", "res5"), ours):
+        reference = theirs[key].permute(0, 3, 1, 2).float()
+        assert mine.shape == reference.shape, key
+        assert float((mine - reference).abs().max() / reference.std()) < 1e-4, key
 
 
 def test_dl2_truncated_data_shard(tmp_path) -> None:
@@ -165,3 +244,16 @@ def test_dl2_backbone_has_no_imagenet_weights() -> None:
     with pytest.raises(ValueError, match=r"backbone 'dl2_mobilenetv3_small' has no ImageNet weights of its own: start "
                                          r"from a converted deeplab2 checkpoint"):
         Backbone("dl2_mobilenetv3_small", 32, pretrained=True)
+
+
+def test_dl2_published_name_of_another_model(tmp_path) -> None:
+    """A ckpt-N prefix in a folder named as a published archive takes that archive's facts, checked against the
+    encoder found."""
+    from panoptic_deeplab.convert import ConversionError
+
+    folder = tmp_path / "resnet50_os32_panoptic_deeplab_cityscapes_trainfine"
+    write_tf_checkpoint(folder / "ckpt-7", dl2_tensors("small", 32, 19, NARROW_WIDTHS, seed=10))
+    with pytest.raises(ConversionError, match=r"resnet50_os32_panoptic_deeplab_cityscapes_trainfine is named as "
+                                              r"deeplab2's published resnet50 checkpoint, but it holds a "
+                                              r"MobileNetV3-Small: give --config or --output-stride"):
+        convert_checkpoint("dl2", folder / "ckpt-7", tmp_path / "o.pt", progress=False)

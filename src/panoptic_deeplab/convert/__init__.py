@@ -99,7 +99,7 @@ def convert_checkpoint(
     if config is not None:
         options["config"] = config
     if source == deeplab2.NAME:  # the published file name tells the config (output stride, BN epsilon)
-        options["input_name"] = file_name_of(str(input))
+        options["input_name"] = str(input)
     model_cfg, post_cfg = module.configs(state, num_classes, **options)
     model = build_model(model_cfg)
     load_strict(model, state, module.key_map(model, state), what=f"{path} ({module.TITLE})")

@@ -1,7 +1,9 @@
 """deeplab2's Panoptic-DeepLab (``google-research/deeplab2``): TF2 training checkpoints, read without TensorFlow.
 
 Supported encoders: MobileNetV3-Small and -Large (``model/encoder/mobilenet.py``, rebuilt exactly by
-:class:`~panoptic_deeplab.modeling.dl2_mobilenet.DeepLab2MobileNetV3`). The rest of the network, from deeplab2's
+:class:`~panoptic_deeplab.modeling.dl2_mobilenet.DeepLab2MobileNetV3`), ResNet-50, ResNet-50-Beta and
+Wide-ResNet-41 (``model/encoder/axial_resnet_instances.py``, rebuilt by
+:class:`~panoptic_deeplab.modeling.dl2_resnet.DeepLab2ResNet`). The rest of the network, from deeplab2's
 sources (SPEC §1, §8.3):
 
 * decoders ``PanopticDeepLabSingleDecoder`` (``model/decoder/panoptic_deeplab.py``): ASPP (``model/decoder/aspp.py``)
@@ -21,17 +23,30 @@ What no checkpoint records (BN epsilon, atrous rates, post-processing) comes fro
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from panoptic_deeplab.config import ModelConfig, PostProcessConfig
+from panoptic_deeplab.modeling.dl2_mobilenet import ConvBNAct
+from panoptic_deeplab.modeling.dl2_resnet import DL2_RESNET_SPECS, DeepLab2ResNet
 
-from .common import ConversionError, KeyMap, guess_family, read_reference_file
+from .common import (
+    ConversionError,
+    KeyMap,
+    file_name_of,
+    guess_family,
+    read_reference_file,
+)
 from .textproto import field, read_textproto
-from .tf_checkpoint import VARIABLE_SUFFIX, TFCheckpointError, names_tf_checkpoint, read_tf_checkpoint
+from .tf_checkpoint import (
+    VARIABLE_SUFFIX,
+    TFCheckpointError,
+    names_tf_checkpoint,
+    read_tf_checkpoint,
+)
 
 NAME = "dl2"
 TITLE = "deeplab2"
@@ -42,7 +57,19 @@ SKIPPED_PREFIXES = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/", "global_ste
 OPTIMIZER_SLOT = "/.OPTIMIZER_SLOT/"
 # tf.keras.layers.BatchNormalization variable names -> torch's.
 BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
-ENCODER_BLOCKS = {13: "dl2_mobilenetv3_small", 17: "dl2_mobilenetv3_large"}  # len(block_specs)
+MOBILENET_BLOCKS = {13: "dl2_mobilenetv3_small", 17: "dl2_mobilenetv3_large"}  # len(block_specs)
+# Our encoder name -> deeplab2's backbone.name and the name people know it by.
+ENCODERS = {
+    "dl2_mobilenetv3_small": ("mobilenet_v3_small", "MobileNetV3-Small"),
+    "dl2_mobilenetv3_large": ("mobilenet_v3_large", "MobileNetV3-Large"),
+    "dl2_resnet50": ("resnet50", "ResNet-50"),
+    "dl2_resnet50_beta": ("resnet50_beta", "ResNet-50-Beta"),
+    "dl2_wide_resnet41": ("wide_resnet41", "Wide-ResNet-41"),
+}
+# Sub-layers of AxialResNet's blocks that DeepLab2ResNet builds; any other (squeeze-and-excite, switchable atrous
+# convolution, axial attention) means a config this converter does not rebuild.
+RESNET_PARTS = {"_stem", "_conv1_bn_act", "_conv2_bn_act", "_conv3_bn", "_conv2_bn", "_shortcut", "_conv",
+                "_batch_norm"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +83,7 @@ class ConfigFacts:
     top_k: int = 400  # evaluator_options.keep_k_centers (default 400, evaluator.proto)
     stuff_area: int = 2048  # evaluator_options.stuff_area_limit
     center_threshold: float = 0.1  # evaluator_options.center_score_threshold
+    backbone: str | None = None  # model_options.backbone.name, where a .textproto tells it
 
 
 # configs/cityscapes/panoptic_deeplab/mobilenet_v3_{small,large}_os{16,32}.textproto: the os16 ones set
@@ -64,10 +92,23 @@ MOBILENET_FACTS = {
     16: ConfigFacts(output_stride=16, bn_eps=1e-5, aspp_rates=(6, 12, 18), nms_kernel=7),
     32: ConfigFacts(output_stride=32, bn_eps=1e-3, aspp_rates=(3, 6, 9), nms_kernel=13),
 }
+# The residual encoders' Cityscapes configs keep epsilon's default 1e-3 and use nms_kernel 13:
+# resnet50_os32_merge_with_pure_tf_func, resnet50_beta_os32 (os32) and wide_resnet41_os16 (os16).
+RESNET_FACTS = {
+    16: ConfigFacts(output_stride=16, bn_eps=1e-3, aspp_rates=(6, 12, 18), nms_kernel=13),
+    32: ConfigFacts(output_stride=32, bn_eps=1e-3, aspp_rates=(3, 6, 9), nms_kernel=13),
+}
 # g3doc/projects/panoptic_deeplab.md: the published checkpoints this converter reads, by file name.
 PUBLISHED = {
-    "mobilenet_v3_small_os16_panoptic_deeplab_cityscapes_dwo.tar.gz": MOBILENET_FACTS[16],
-    "mobilenet_v3_large_os16_panoptic_deeplab_cityscapes_dwo.tar.gz": MOBILENET_FACTS[16],
+    "mobilenet_v3_small_os16_panoptic_deeplab_cityscapes_dwo.tar.gz":
+        replace(MOBILENET_FACTS[16], backbone="mobilenet_v3_small"),
+    "mobilenet_v3_large_os16_panoptic_deeplab_cityscapes_dwo.tar.gz":
+        replace(MOBILENET_FACTS[16], backbone="mobilenet_v3_large"),
+    "resnet50_os32_panoptic_deeplab_cityscapes_trainfine.tar.gz": replace(RESNET_FACTS[32], backbone="resnet50"),
+    "resnet50_beta_os32_panoptic_deeplab_cityscapes_trainfine.tar.gz":
+        replace(RESNET_FACTS[32], backbone="resnet50_beta"),
+    "wide_resnet41_os16_panoptic_deeplab_cityscapes_trainfine.tar.gz":
+        replace(RESNET_FACTS[16], backbone="wide_resnet41"),
 }
 
 
@@ -107,15 +148,52 @@ def num_classes_of(state: dict[str, Tensor]) -> int:
 
 
 def _encoder(state: dict[str, Tensor]) -> str:
-    blocks = {int(k.split("/")[2]) for k in state if k.startswith("encoder/_blocks/")}
-    name = ENCODER_BLOCKS.get(len(blocks))
-    if name is None:
-        kinds = sorted({k.split("/")[1] for k in state if k.startswith("encoder/")})
+    """Our name of the checkpoint's encoder, told by its layer names (MobileNet's ``_blocks/N``, AxialResNet's
+    ``_stem`` and ``_stageN/_blockM``) and its stem kernel."""
+    if any(k.startswith("encoder/_blocks/") for k in state):
+        blocks = {int(k.split("/")[2]) for k in state if k.startswith("encoder/_blocks/")}
+        if len(blocks) in MOBILENET_BLOCKS:
+            return MOBILENET_BLOCKS[len(blocks)]
+        raise ConversionError(f"{TITLE} checkpoint: unsupported encoder ({len(blocks)} MobileNet blocks); "
+                              f"supported: {_supported()}")
+    parts = sorted({k.split("/")[1] for k in state if k.startswith("encoder/")})
+    if "_stem" not in parts:
+        raise ConversionError(f"{TITLE} checkpoint: unsupported encoder (parts {parts[:4]}); supported: {_supported()}")
+    if "encoder/_stem/_conv1_bn_act/_conv/kernel" in state:
+        name = "dl2_resnet50_beta"
+    elif "_stage1" in parts:
+        name = "dl2_wide_resnet41"
+    else:
+        name = "dl2_resnet50"
+    unknown = sorted({layer for k in state if k.startswith("encoder/") and (layer := _unbuilt_layer(k))})
+    if unknown:
         raise ConversionError(
-            f"{TITLE} checkpoint: unsupported encoder ({len(blocks)} MobileNet blocks, parts {kinds[:4]}); "
-            "supported: MobileNetV3-Small and -Large"
+            f"{TITLE} checkpoint: its residual encoder has layers {unknown} (squeeze-and-excite, switchable atrous "
+            f"convolution or axial attention), which are not rebuilt; supported: {_supported()}"
+        )
+    blocks = tuple(len({k.split("/")[2] for k in state if k.startswith(f"encoder/{stage}/")})
+                   for stage in parts if stage.startswith("_stage"))
+    expected = DL2_RESNET_SPECS[name.removeprefix("dl2_")].num_blocks
+    if blocks != expected:
+        raise ConversionError(
+            f"{TITLE} checkpoint: a {ENCODERS[name][1]}-like encoder with {blocks} blocks per stage, not {expected} "
+            f"(a backbone_layer_multiplier other than 1 is not supported); supported: {_supported()}"
         )
     return name
+
+
+def _unbuilt_layer(key: str) -> str | None:
+    """The outermost layer of an encoder tensor's path that ``DeepLab2ResNet`` does not build, if any."""
+    return next((p for p in key.split("/")[1:-1] if p not in RESNET_PARTS and not p.startswith(("_stage", "_block"))),
+                None)
+
+
+def _supported() -> str:
+    return ", ".join(title for _, title in ENCODERS.values())
+
+
+def _is_mobilenet(encoder: str) -> bool:
+    return encoder.startswith("dl2_mobilenet")
 
 
 def facts_from_textproto(path: str | os.PathLike[str]) -> ConfigFacts:
@@ -125,14 +203,15 @@ def facts_from_textproto(path: str | os.PathLike[str]) -> ConfigFacts:
     if not Path(path).is_file():
         raise ConversionError(f"config {path} does not exist (a deeplab2 .textproto)")
     fields = read_textproto(path)
-    backbone = str(field(fields, "model_options.backbone.name", ""))
-    if not backbone.startswith("mobilenet_v3"):
-        raise ConversionError(f"{path}: backbone {backbone!r} is not supported yet (MobileNetV3-Small and -Large are)")
+    backbone = str(field(fields, "model_options.backbone.name", "resnet50"))
+    if backbone not in {name for name, _ in ENCODERS.values()}:
+        raise ConversionError(f"{path}: backbone {backbone!r} is not supported ({_supported()} are)")
     rates = field(fields, "model_options.decoder", {}).get("atrous_rates", [])  # type: ignore[union-attr]
     output_stride = int(field(fields, "model_options.backbone.output_stride", 32))  # type: ignore[arg-type]
     if len(rates) != 3:
         raise ConversionError(f"{path}: model_options.decoder needs three atrous_rates, found {rates}")
     return ConfigFacts(
+        backbone=backbone,
         output_stride=output_stride,
         bn_eps=float(field(fields, "trainer_options.solver_options.batchnorm_epsilon", 0.001)),  # type: ignore[arg-type]
         aspp_rates=tuple(int(r) for r in rates),  # type: ignore[arg-type]
@@ -143,24 +222,47 @@ def facts_from_textproto(path: str | os.PathLike[str]) -> ConfigFacts:
     )
 
 
-def config_facts(input_name: str, output_stride: int | None, config: str | os.PathLike[str] | None = None
-                 ) -> ConfigFacts:
+def published_facts(input_name: str) -> tuple[str, ConfigFacts] | None:
+    """The name that tells a published checkpoint and its facts: the archive's name (path or URL), or a folder of
+    the archive's name without its suffix (as given, or holding the ``ckpt-N`` prefix given)."""
+    parent = input_name.rstrip("/").rsplit("/", 1)[0] if "/" in input_name.rstrip("/") else ""
+    for name in (file_name_of(input_name), file_name_of(parent) if parent else ""):
+        for published, facts in PUBLISHED.items():
+            if name and name in (published, published.removesuffix(".tar.gz")):
+                return name, facts
+    return None
+
+
+def config_facts(input_name: str, output_stride: int | None, config: str | os.PathLike[str] | None,
+                 encoder: str) -> ConfigFacts:
     """The facts of the checkpoint's config: from ``config`` (a ``.textproto``), else by the published file
-    name, else those of deeplab2's MobileNetV3 configs at the given output stride."""
+    name, else those of deeplab2's Cityscapes configs of the ``encoder``'s family at the given output stride."""
     if config is not None:
         facts = facts_from_textproto(config)
         if output_stride is not None and output_stride != facts.output_stride:
             raise ConversionError(f"--output-stride {output_stride} contradicts {config} ({facts.output_stride})")
+        if facts.backbone != ENCODERS[encoder][0]:
+            raise ConversionError(f"{config} is a config of backbone {facts.backbone!r}, but the checkpoint holds a "
+                                  f"{ENCODERS[encoder][1]} ({ENCODERS[encoder][0]!r})")
         return facts
+    mobilenet = _is_mobilenet(encoder)
+    family, table = ("MobileNetV3", MOBILENET_FACTS) if mobilenet else ("residual", RESNET_FACTS)
     if output_stride is not None:
-        if output_stride not in MOBILENET_FACTS:
-            raise ConversionError(f"deeplab2's MobileNetV3 configs use output stride 16 or 32, not {output_stride}")
-        return MOBILENET_FACTS[output_stride]
-    if input_name in PUBLISHED:
-        return PUBLISHED[input_name]
+        if output_stride not in table:
+            raise ConversionError(f"deeplab2's {family} configs use output stride 16 or 32, not {output_stride}: "
+                                  "give --config (its .textproto) for another")
+        return table[output_stride]
+    published = published_facts(input_name)
+    if published is not None:
+        name, facts = published
+        if facts.backbone != ENCODERS[encoder][0]:
+            raise ConversionError(f"{name} is named as deeplab2's published {facts.backbone} checkpoint, but it "
+                                  f"holds a {ENCODERS[encoder][1]}: give --config or --output-stride")
+        return facts
     raise ConversionError(
-        f"{input_name} is not a published deeplab2 file, and a checkpoint does not record its output stride: "
-        "give --output-stride 16 or 32 (backbone.output_stride of its .textproto config)"
+        f"{file_name_of(input_name)} is not a published deeplab2 file, and a checkpoint does not record its output "
+        "stride: "
+        "give --config (its .textproto) or --output-stride 16 or 32 (backbone.output_stride of its config)"
     )
 
 
@@ -173,7 +275,7 @@ def configs(
     config: str | os.PathLike[str] | None = None,
 ) -> tuple[ModelConfig, PostProcessConfig]:
     """The network's options (widths from the shapes) and the post-processing, the rest from :func:`config_facts`."""
-    facts = config_facts(input_name, output_stride, config)
+    facts = config_facts(input_name, output_stride, config, _encoder(state))
     post = PostProcessConfig(center_threshold=facts.center_threshold, nms_kernel=facts.nms_kernel,
                              top_k=facts.top_k, stuff_area=facts.stuff_area)
     return model_config(state, num_classes, facts), post
@@ -254,7 +356,11 @@ def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
         conv_bn(f"{ours}.pointwise", f"{block}/_pointwise")
 
     encoder = model.backbone.body
-    for i, block in enumerate(encoder.blocks):
+    if isinstance(encoder, DeepLab2ResNet):
+        for ours, module in encoder.named_modules():
+            if isinstance(module, ConvBNAct):
+                conv_bn(f"backbone.body.{ours}", _resnet_layer(ours, encoder.first_stage))
+    for i, block in enumerate(getattr(encoder, "blocks", ())):
         ours, theirs = f"backbone.body.blocks.{i}", f"encoder/_blocks/{i}"
         if not hasattr(block, "depthwise"):  # a conv_bn block
             conv_bn(ours, theirs)
@@ -298,6 +404,15 @@ def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
     return km
 
 
+def _resnet_layer(ours: str, first_stage: int) -> str:
+    """``stem.conv1_bn_act`` -> ``encoder/_stem/_conv1_bn_act``; ``stages.i.j.part`` -> ``encoder/_stage{i + first}/
+    _block{j + 1}/_part`` (``AxialResNet``'s and ``BlockGroup``'s attribute names)."""
+    parts = ours.split(".")
+    if parts[0] == "stem":
+        return "/".join(["encoder/_stem", *(f"_{p}" for p in parts[1:])])
+    stage, block, part = parts[1:]
+    return f"encoder/_stage{int(stage) + first_stage}/_block{int(block) + 1}/_{part}"
+
+
 def architecture(state: dict[str, Tensor]) -> str:
-    size = "Small" if _encoder(state).endswith("small") else "Large"
-    return f"deeplab2 MobileNetV3-{size}"
+    return f"deeplab2 {ENCODERS[_encoder(state)][1]}"

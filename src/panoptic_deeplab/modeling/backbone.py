@@ -8,11 +8,12 @@ supports ``output_stride`` works.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import timm
@@ -22,6 +23,7 @@ from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
 from .dl2_mobilenet import DeepLab2MobileNetV3
+from .dl2_resnet import DeepLab2ResNet
 
 # Feature keys returned by ``Backbone.forward`` (detectron2 naming: res2 = stride 4, res3 = stride 8,
 # res4 = stride 16); the last stage is always res5, whatever its stride.
@@ -71,8 +73,15 @@ BACKBONE_PRESETS: dict[str, BackbonePreset] = {
     "xception65": BackbonePreset("xception65"),
     "xception71": BackbonePreset("xception71"),
 }
-# deeplab2's own MobileNetV3s (not timm's: see dl2_mobilenet.py), for its converted checkpoints.
-DL2_MOBILENETS = {"dl2_mobilenetv3_small": "small", "dl2_mobilenetv3_large": "large"}
+# deeplab2's own encoders (not timm's: see dl2_mobilenet.py, dl2_resnet.py), for its converted checkpoints:
+# name -> a constructor taking (output_stride, bn_eps).
+DL2_ENCODERS: dict[str, Callable[[int, float], nn.Module]] = {
+    "dl2_mobilenetv3_small": functools.partial(DeepLab2MobileNetV3, "small"),
+    "dl2_mobilenetv3_large": functools.partial(DeepLab2MobileNetV3, "large"),
+    "dl2_resnet50": functools.partial(DeepLab2ResNet, "resnet50"),
+    "dl2_resnet50_beta": functools.partial(DeepLab2ResNet, "resnet50_beta"),
+    "dl2_wide_resnet41": functools.partial(DeepLab2ResNet, "wide_resnet41"),
+}
 
 SUPPORTED_OUTPUT_STRIDES = (8, 16, 32)
 
@@ -83,7 +92,7 @@ def resolve_backbone(name: str) -> BackbonePreset:
         return BACKBONE_PRESETS[name]
     if not timm.is_model(name):
         raise ValueError(
-            f"unknown backbone {name!r}: not a preset ({', '.join([*BACKBONE_PRESETS, *DL2_MOBILENETS])}) "
+            f"unknown backbone {name!r}: not a preset ({', '.join([*BACKBONE_PRESETS, *DL2_ENCODERS])}) "
             "and not a timm model name"
         )
     return BackbonePreset(name)
@@ -258,7 +267,7 @@ class Backbone(nn.Module):
 
     Attributes ``channels`` and ``strides`` give each tap's channel count and stride. ``multi_grid``
     multiplies the dilation of each block of a ResNet's last stage (SPEC §1.2, D2's R52: 1, 2, 4).
-    ``bn_eps`` is the batch-norm epsilon of deeplab2's encoders (``DL2_MOBILENETS``); timm's keep their own.
+    ``bn_eps`` is the batch-norm epsilon of deeplab2's encoders (``DL2_ENCODERS``); timm's keep their own.
     """
 
     def __init__(
@@ -273,13 +282,13 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        if name in DL2_MOBILENETS:
+        if name in DL2_ENCODERS:
             if pretrained or weights_path is not None:
                 raise ValueError(
                     f"backbone {name!r} has no ImageNet weights of its own: start from a converted deeplab2 "
                     "checkpoint (panoptic-deeplab convert --from dl2, then model.init_checkpoint) with pretrained=False"
                 )
-            self.body: nn.Module = DeepLab2MobileNetV3(DL2_MOBILENETS[name], output_stride, bn_eps)
+            self.body: nn.Module = DL2_ENCODERS[name](output_stride, bn_eps)
         else:
             self.body = create_timm_features(name, output_stride, pretrained, weights_path)
         info = self.body.feature_info
