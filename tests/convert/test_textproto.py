@@ -61,9 +61,17 @@ def test_syntax_errors_name_the_file(tmp_path, text, match) -> None:
 
 
 def test_unsupported_backbone_and_missing_file(tmp_path) -> None:
-    path = tmp_path / "r50.textproto"
-    path.write_text('model_options { backbone { name: "resnet50" } decoder { atrous_rates: 3 } }')
-    with pytest.raises(ValueError, match=r"backbone 'resnet50' is not supported yet"):
+    path = tmp_path / "sac.textproto"
+    path.write_text('model_options { backbone { name: "swidernet" } decoder { atrous_rates: 3 } }')
+    with pytest.raises(ValueError, match=r"backbone 'swidernet' is not supported \(MobileNetV3-Small, "
+                                         r"MobileNetV3-Large, ResNet-50, ResNet-50-Beta, Wide-ResNet-41 are\)"):
         facts_from_textproto(path)
+    path.write_text('model_options { backbone { name: "resnet50" } decoder { atrous_rates: 3 } }')
+    with pytest.raises(ValueError, match=r"sac.textproto: model_options.decoder needs three atrous_rates, found \[3\]"):
+        facts_from_textproto(path)
+    path.write_text('model_options { backbone { name: "resnet50_beta" } decoder { atrous_rates: 3 atrous_rates: 6 '
+                    'atrous_rates: 9 } }')
+    facts = facts_from_textproto(path)  # model.proto's default output stride 32, trainer.proto's epsilon 1e-3
+    assert (facts.backbone, facts.output_stride, facts.bn_eps, facts.aspp_rates) == ("resnet50_beta", 32, 1e-3, (3, 6, 9))
     with pytest.raises(ValueError, match=r"config .*nothing.textproto does not exist"):
         facts_from_textproto(tmp_path / "nothing.textproto")
