@@ -370,7 +370,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True,
                    help="the checkpoint to write, e.g. OUT.pt; an existing directory receives <input name>.pt")
     p.add_argument("--dataset", default=None, metavar="cityscapes|coco|JSON",
-                   help="categories of the model's classes (default: cityscapes for 19 classes, coco for 133)")
+                   help="categories of the model's classes (default: cityscapes for 19 classes, coco for 133 and for "
+                   "deeplab2's 134-channel COCO heads)")
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=None,
                    help="bc: the network's output stride (default 32, the model zoo's, with three decoder "
                    "stages; 16 with two); dl2: its config's backbone.output_stride (default: known for the "

@@ -33,6 +33,9 @@ class ModelConfig:
     # whose shape differs (a semantic predictor for another number of classes) keep their initialisation.
     init_checkpoint: str | None = None
     num_classes: int = 19
+    # One more semantic channel, first, for void: deeplab2's COCO models (134 channels, its ignore label 0 is a
+    # channel). A pixel whose argmax is that channel is void, as in deeplab2; training targets shift by one.
+    semantic_void_channel: bool = False
     output_stride: int = 16  # 16 or 32
     # Dilation multipliers of the last stage's blocks (ResNets only): D2's R52 uses (1, 2, 4) at os16.
     multi_grid: tuple[int, ...] | None = None
@@ -62,6 +65,10 @@ class ModelConfig:
     # Inference pads inputs to a multiple of this (0: of the output stride, +1 with align_corners);
     # D2's COCO model pads to 640 (SIZE_DIVISIBILITY).
     size_divisibility: int = 0
+    # deeplab2's COCO evaluation (641x641): inference resizes each image to fit this (H, W) as deeplab2's
+    # resize_to_range(min = max = it) does, long side 641, pads it to exactly this size, and resizes the outputs
+    # back to the image. None: the image as it is, padded to a valid size.
+    inference_size: tuple[int, int] | None = None
     bn_momentum: float = 0.01
     bn_eps: float = 1e-5
     init: str = "normal"  # "normal" (std 0.001, BC) or "he" (DL2)
@@ -517,6 +524,9 @@ def validate_config(cfg: Config) -> None:
     for dotted, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{dotted} must be >= 0, got {value}")
+    size = cfg.model.inference_size
+    if size is not None and (len(size) != 2 or any(int(v) < 1 for v in size)):
+        raise ConfigError(f"model.inference_size must be two positive sizes (H, W) or null, got {list(size)}")
     if cfg.data.max_scale < cfg.data.min_scale:
         raise ConfigError(
             f"data.max_scale ({cfg.data.max_scale}) is smaller than data.min_scale ({cfg.data.min_scale})"

@@ -257,3 +257,82 @@ def test_dl2_published_name_of_another_model(tmp_path) -> None:
                                               r"deeplab2's published resnet50 checkpoint, but it holds a "
                                               r"MobileNetV3-Small: give --config or --output-stride"):
         convert_checkpoint("dl2", folder / "ckpt-7", tmp_path / "o.pt", progress=False)
+
+
+def _fit(height: int, width: int, size: int) -> tuple[int, int]:
+    """deeplab2's resize_to_range with min = max = size: up until both sides reach it, then down to fit; sides
+    floored in float32 (preprocess_utils._scale_dim)."""
+    def scale(h: int, w: int, factor: float) -> tuple[int, int]:
+        f = np.float32(factor)
+        return int(np.floor(np.float32(h) * f)), int(np.floor(np.float32(w) * f))
+
+    h, w = scale(height, width, max(size / height, size / width))
+    return scale(h, w, min(np.float32(min(size / h, size / w)), np.float32(1.0)))
+
+
+def test_dl2_coco_head_void_channel_and_eval_resizing(tmp_path) -> None:
+    """A COCO model (134 channels, void first) with a config that resizes eval images as deeplab2's COCO configs do
+    (crop 161 here, 641 there): the image is resized to fit, padded with the mean pixel to the crop, run, cropped
+    and resized back; against the reference run on deeplab2's padded input."""
+    from reference_dl2 import VALUE, _resize
+
+    tensors = dl2_tensors("resnet50", 16, 134, NARROW_WIDTHS, seed=11)
+    height, width = 97, 130
+    image = np.random.default_rng(4).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    fitted = _fit(height, width, 161)
+    assert fitted == (120, 161)
+    resized = _resize(torch.from_numpy(image).double()[None], *fitted)[0].numpy()
+    padded = np.full((161, 161, 3), 127.5)  # _pad_image_and_label: the mean pixel, 0 after x / 127.5 - 1
+    padded[: fitted[0], : fitted[1]] = resized
+    # A constant void logit at the median of the best class logit: void wins on about half the image.
+    tensors["semantic_last_layer/kernel" + VALUE][..., 0] = 0
+    theirs = dl2_forward(tensors, padded, "resnet50", 16, (6, 12, 18), 1e-3)
+    void_logit = float(theirs["semantic"][:, 1:, : fitted[0], : fitted[1]].max(dim=1).values.median())
+    tensors["semantic_last_layer/bias" + VALUE][0] = void_logit
+    theirs["semantic"][:, 0] = void_logit
+    folder = _archive(tmp_path, "my_coco_r50_os16", tensors)
+    config = tmp_path / "coco.textproto"
+    config.write_text('model_options { backbone { name: "resnet50" output_stride: 16 }\n'
+                      '  decoder { atrous_rates: 6 atrous_rates: 12 atrous_rates: 18 } }\n'
+                      'eval_dataset_options { crop_size: 161 crop_size: 161 min_resize_value: 161\n'
+                      '  max_resize_value: 161 }\n'
+                      'evaluator_options { nms_kernel: 41 stuff_area_limit: 4096 }\n')
+    converted = convert_checkpoint("dl2", folder, tmp_path / "out.pt", config=config, progress=False)
+    model_cfg = converted.config.model
+    assert converted.meta.num_classes == 133 and model_cfg.num_classes == 133 and model_cfg.semantic_void_channel
+    assert tuple(model_cfg.inference_size) == (161, 161)
+    assert (converted.config.postprocess.nms_kernel, converted.config.postprocess.stuff_area) == (41, 4096)
+
+    predictor = Predictor.from_checkpoint(converted.path, device="cpu")
+    ours = predictor.raw_outputs([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
+    for key in ("semantic", "center", "offset"):
+        cropped = theirs[key][:, :, : fitted[0], : fitted[1]].permute(0, 2, 3, 1).double()
+        if key == "offset":  # resize_outputs: back to the image's pixels
+            cropped = cropped * torch.tensor([(height - 1) / (fitted[0] - 1), (width - 1) / (fitted[1] - 1)])
+        reference = _resize(cropped, height, width).permute(0, 3, 1, 2).float()
+        assert ours[key].shape == reference.shape, key
+        error = float((ours[key] - reference).abs().max() / reference.std())
+        assert error < 1e-4, (key, error)
+    assert ours["semantic"].shape[1] == 134
+    result = predictor.predict(image)
+    void = ours["semantic"][0].argmax(0).numpy() == 0
+    assert 0.2 < void.mean() < 0.8 and (result.semantic[void] == 255).all() and (result.semantic[~void] < 133).all()
+    assert (result.label_map[void] == converted.meta.void_label).all()
+
+
+def test_dl2_published_coco_names_tell_its_config(tmp_path) -> None:
+    tensors = dl2_tensors("resnet50_beta", 32, 134, NARROW_WIDTHS, seed=12)
+    folder = _archive(tmp_path, "resnet50beta_os32_panoptic_deeplab_coco_train", tensors)
+    converted = convert_checkpoint("dl2", folder, tmp_path / "out.pt", progress=False)
+    model_cfg, post = converted.config.model, converted.config.postprocess
+    assert converted.architecture == "deeplab2 ResNet-50-Beta" and model_cfg.output_stride == 32
+    assert model_cfg.semantic_void_channel and tuple(model_cfg.inference_size) == (641, 641)
+    assert (post.nms_kernel, post.stuff_area, post.top_k, tuple(model_cfg.aspp_rates)) == (41, 4096, 400, (3, 6, 9))
+    from panoptic_deeplab.convert import ConversionError
+
+    renamed = folder.rename(tmp_path / "resnet50_beta_os32_panoptic_deeplab_cityscapes_trainfine")
+    with pytest.raises(ConversionError, match=r"named as a deeplab2 Cityscapes checkpoint, but its semantic head is "
+                                              r"COCO: give --config or --output-stride"):
+        convert_checkpoint("dl2", renamed, tmp_path / "o.pt", progress=False)
+    assert convert_checkpoint("dl2", renamed, tmp_path / "o.pt", output_stride=32, progress=False) \
+        .config.model.inference_size == (641, 641)

@@ -331,6 +331,39 @@ def test_pipeline_random_matches_reference(seed):
     assert_matches_reference(logits, heat, offset, [3, 4, 5], cfg)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_void_channel_is_deeplab2s_void_stuff_class(seed):
+    """deeplab2's COCO heads: channel 0 is its ignore label 0, which its merge (``_merge_semantic_and_instance_maps``)
+    treats as a stuff class whose panoptic label is the void label at any area: no pixel of it joins an instance
+    or another class's stuff area. Reference: the void channel moved last as an ordinary stuff class, its label
+    then voided."""
+    logits, heat, offset = _blobs_case(seed, classes=7)  # channel 0 = void, channels 1..6 = train ids 0..5
+    logits[:, 0] += 0.6  # void wins on a sizeable part, inside thing and stuff regions
+    logits[:, 0, :3, :3] = logits[:, 1:, :3, :3].max(axis=1)  # exact ties: argmax takes channel 0 (void)
+    cfg = PostProcessConfig(center_threshold=0.5, nms_kernel=3, top_k=20, stuff_area=40)
+    thing_ids = [3, 4, 5]
+    preds = panoptic_postprocess(torch.from_numpy(logits), torch.from_numpy(heat), torch.from_numpy(offset),
+                                 thing_ids, cfg, void_channel=True)
+    void_last = np.concatenate([logits[:, 1:], logits[:, :1]], axis=1)
+    void_last[:, 6, :3, :3] += 1e-3  # the reference's argmax would give the ties to the real class
+    for n, pred in enumerate(preds):
+        label, semantic, centers, _, instances = ref_postprocess(void_last[n], heat[n, 0], offset[n], thing_ids, cfg)
+        void = semantic == 6
+        assert void.mean() > 0.1 and void[:3, :3].all()
+        label[void] = VOID_LABEL
+        np.testing.assert_array_equal(pred.label_map.numpy(), label)
+        np.testing.assert_array_equal(pred.semantic.numpy(), np.where(void, 255, semantic))
+        inst = pred.instances
+        assert sorted(inst.ids.tolist()) == sorted(instances)
+        for i, pid in enumerate(inst.ids.tolist()):
+            cls, score, box, area, _ = instances[pid]  # score: softmax over every channel, void's included
+            assert inst.classes[i] == cls and inst.areas[i] == area
+            assert inst.scores[i].item() == pytest.approx(score, rel=1e-5, abs=1e-7)
+    with pytest.raises(ValueError, match=r"semantic_logits has 1 channel\(s\): no class besides the void channel"):
+        panoptic_postprocess(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), [],
+                             void_channel=True)
+
+
 def test_pipeline_no_center_all_stuff_and_semantic_ties():
     logits, heat, offset = _blobs_case(7, batch=1)
     logits[0, :, :4, :4] = 1.0  # exact logit ties: argmax takes the first class

@@ -144,6 +144,20 @@ def test_panoptic_loss_combines_unweighted_terms():
     torch.testing.assert_close(default["total"], expected)
 
 
+def test_void_channel_shifts_the_semantic_targets():
+    """``semantic_void_channel`` (deeplab2's COCO heads): train id k is channel k + 1, ignored pixels stay ignored,
+    no pixel targets channel 0, which still takes part in the softmax."""
+    outputs, targets = _batch(num_classes=4)
+    losses = PanopticDeepLabLoss(LossConfig(top_k_percent=1.0), void_channel=True)(outputs, targets)
+    target, weights = targets["semantic"], targets["semantic_weights"]
+    log_probs = outputs["semantic"].log_softmax(dim=1)
+    kept = target != 255
+    picked = log_probs.gather(1, (target.clamp(max=2) + 1)[:, None])[:, 0]
+    expected = -(picked * weights)[kept].sum() / target.numel()
+    torch.testing.assert_close(losses["semantic"], expected)
+    assert kept.sum() < target.numel() and int(target[kept].max()) == 2  # ids 0..2 here, void rows ignored
+
+
 def test_perfect_center_and_offset_predictions_give_zero():
     outputs, targets = _batch()
     outputs["center"] = targets["center"] + 5 * (1 - targets["center_weights"])  # errors only where unweighted

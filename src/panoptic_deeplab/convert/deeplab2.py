@@ -16,8 +16,13 @@ sources (SPEC §1, §8.3):
   resized with ``align_corners=True`` to the input size, offsets scaled by ``(H - 1) / (h - 1)`` per axis
   (``model/utils.py``, ``resize_and_rescale_offsets``).
 
-What no checkpoint records (BN epsilon, atrous rates, post-processing) comes from the published configs
-(``configs/cityscapes/panoptic_deeplab/*.textproto``), looked up by the published file name or by the output stride.
+COCO heads have 134 channels, channel 0 for deeplab2's void (its COCO ignore label 0): kept, with
+``ModelConfig.semantic_void_channel`` (argmax there = void, as in deeplab2's merge), and COCO images are resized and
+padded to 641x641 as deeplab2 evaluates them (``ModelConfig.inference_size``).
+
+What no checkpoint records (BN epsilon, atrous rates, post-processing, eval resizing) comes from the published
+configs (``configs/{cityscapes,coco}/panoptic_deeplab/*.textproto``), looked up by the published file name or by
+the output stride.
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ class ConfigFacts:
     stuff_area: int = 2048  # evaluator_options.stuff_area_limit
     center_threshold: float = 0.1  # evaluator_options.center_score_threshold
     backbone: str | None = None  # model_options.backbone.name, where a .textproto tells it
+    # eval_dataset_options.crop_size where min_resize_value = max_resize_value = it (COCO: 641x641)
+    inference_size: tuple[int, int] | None = None
 
 
 # configs/cityscapes/panoptic_deeplab/mobilenet_v3_{small,large}_os{16,32}.textproto: the os16 ones set
@@ -98,6 +105,16 @@ RESNET_FACTS = {
     16: ConfigFacts(output_stride=16, bn_eps=1e-3, aspp_rates=(6, 12, 18), nms_kernel=13),
     32: ConfigFacts(output_stride=32, bn_eps=1e-3, aspp_rates=(3, 6, 9), nms_kernel=13),
 }
+# configs/coco/panoptic_deeplab/resnet50{,_beta}_os{16,32}.textproto: epsilon 1e-3, NMS kernel 41, stuff area 4096,
+# eval images resized to a long side of 641 and padded to 641x641 (crop_size = min/max_resize_value = 641).
+COCO_FACTS = {
+    stride: replace(facts, nms_kernel=41, stuff_area=4096, inference_size=(641, 641))
+    for stride, facts in RESNET_FACTS.items()
+}
+# data/dataset.py COCO_PANOPTIC_INFORMATION: 134 classes with ignore_label 0, i.e. void is class 0 of deeplab2's
+# COCO labels (data/coco_constants.py get_id_mapping: category i of _COCO_META, in id order, is class i + 1), so
+# its COCO heads have a void channel before the 133 categories.
+VOID_FIRST_HEADS = {134: 133}
 # g3doc/projects/panoptic_deeplab.md: the published checkpoints this converter reads, by file name.
 PUBLISHED = {
     "mobilenet_v3_small_os16_panoptic_deeplab_cityscapes_dwo.tar.gz":
@@ -109,6 +126,10 @@ PUBLISHED = {
         replace(RESNET_FACTS[32], backbone="resnet50_beta"),
     "wide_resnet41_os16_panoptic_deeplab_cityscapes_trainfine.tar.gz":
         replace(RESNET_FACTS[16], backbone="wide_resnet41"),
+    "resnet50_os32_panoptic_deeplab_coco_train_2.tar.gz": replace(COCO_FACTS[32], backbone="resnet50"),
+    "resnet50beta_os32_panoptic_deeplab_coco_train.tar.gz": replace(COCO_FACTS[32], backbone="resnet50_beta"),
+    "resnet50_os16_panoptic_deeplab_coco_train.tar.gz": replace(COCO_FACTS[16], backbone="resnet50"),
+    "resnet50beta_os16_panoptic_deeplab_coco_train.tar.gz": replace(COCO_FACTS[16], backbone="resnet50_beta"),
 }
 
 
@@ -143,8 +164,14 @@ def _refuse_other_family(path: Path) -> None:
     raise ConversionError(f"{path} is not a deeplab2 TF checkpoint (.tar.gz, folder or ckpt-N prefix){hint}")
 
 
-def num_classes_of(state: dict[str, Tensor]) -> int:
+def _head_channels(state: dict[str, Tensor]) -> int:
     return int(state["semantic_last_layer/kernel"].shape[3])
+
+
+def num_classes_of(state: dict[str, Tensor]) -> int:
+    """The dataset's classes: the semantic head's channels, less the void channel of deeplab2's COCO heads."""
+    channels = _head_channels(state)
+    return VOID_FIRST_HEADS.get(channels, channels)
 
 
 def _encoder(state: dict[str, Tensor]) -> str:
@@ -211,6 +238,7 @@ def facts_from_textproto(path: str | os.PathLike[str]) -> ConfigFacts:
     if len(rates) != 3:
         raise ConversionError(f"{path}: model_options.decoder needs three atrous_rates, found {rates}")
     return ConfigFacts(
+        inference_size=_inference_size(path, fields),
         backbone=backbone,
         output_stride=output_stride,
         bn_eps=float(field(fields, "trainer_options.solver_options.batchnorm_epsilon", 0.001)),  # type: ignore[arg-type]
@@ -219,6 +247,24 @@ def facts_from_textproto(path: str | os.PathLike[str]) -> ConfigFacts:
         top_k=int(field(fields, "evaluator_options.keep_k_centers", 400)),  # type: ignore[arg-type]
         stuff_area=int(field(fields, "evaluator_options.stuff_area_limit", 0)),  # type: ignore[arg-type]
         center_threshold=float(field(fields, "evaluator_options.center_score_threshold", 0.1)),  # type: ignore[arg-type]
+    )
+
+
+def _inference_size(path: str | os.PathLike[str], fields: dict[str, list]) -> tuple[int, int] | None:
+    """deeplab2's eval resizing (``input_preprocessing.preprocess_image_and_label``): none with resize values 0
+    (the image is only padded), else ``resize_to_range(min_resize_value, max_resize_value)``; the inference here
+    rebuilds the case min = max = ``crop_size`` (COCO's 641)."""
+    options = field(fields, "eval_dataset_options", {})
+    crop = [int(v) for v in options.get("crop_size", [])]  # type: ignore[union-attr]
+    low = [int(v) for v in options.get("min_resize_value", [])]  # type: ignore[union-attr]
+    high = [int(v) for v in options.get("max_resize_value", [])]  # type: ignore[union-attr]
+    if not any(low + high):
+        return None
+    if len(crop) == 2 and all(len(v) in (1, 2) and (v * 2)[:2] == crop for v in (low, high)):
+        return crop[0], crop[1]
+    raise ConversionError(
+        f"{path}: eval_dataset_options resizes with min_resize_value {low} and max_resize_value {high} to a crop of "
+        f"{crop}; only min = max = crop_size (deeplab2's COCO configs) or no resizing is rebuilt"
     )
 
 
@@ -234,9 +280,10 @@ def published_facts(input_name: str) -> tuple[str, ConfigFacts] | None:
 
 
 def config_facts(input_name: str, output_stride: int | None, config: str | os.PathLike[str] | None,
-                 encoder: str) -> ConfigFacts:
+                 encoder: str, coco: bool = False) -> ConfigFacts:
     """The facts of the checkpoint's config: from ``config`` (a ``.textproto``), else by the published file
-    name, else those of deeplab2's Cityscapes configs of the ``encoder``'s family at the given output stride."""
+    name, else those of deeplab2's configs of the ``encoder``'s family at the given output stride (its COCO
+    configs for a ``coco`` head)."""
     if config is not None:
         facts = facts_from_textproto(config)
         if output_stride is not None and output_stride != facts.output_stride:
@@ -247,6 +294,10 @@ def config_facts(input_name: str, output_stride: int | None, config: str | os.Pa
         return facts
     mobilenet = _is_mobilenet(encoder)
     family, table = ("MobileNetV3", MOBILENET_FACTS) if mobilenet else ("residual", RESNET_FACTS)
+    if coco:
+        if mobilenet:
+            raise ConversionError("deeplab2 has no COCO config of a MobileNetV3: give --config (its .textproto)")
+        family, table = "residual COCO", COCO_FACTS
     if output_stride is not None:
         if output_stride not in table:
             raise ConversionError(f"deeplab2's {family} configs use output stride 16 or 32, not {output_stride}: "
@@ -258,6 +309,10 @@ def config_facts(input_name: str, output_stride: int | None, config: str | os.Pa
         if facts.backbone != ENCODERS[encoder][0]:
             raise ConversionError(f"{name} is named as deeplab2's published {facts.backbone} checkpoint, but it "
                                   f"holds a {ENCODERS[encoder][1]}: give --config or --output-stride")
+        if (facts.inference_size is not None) != coco:
+            named, holds = ("COCO", "Cityscapes-like") if facts.inference_size else ("Cityscapes", "COCO")
+            raise ConversionError(f"{name} is named as a deeplab2 {named} checkpoint, but its semantic head is "
+                                  f"{holds}: give --config or --output-stride")
         return facts
     raise ConversionError(
         f"{file_name_of(input_name)} is not a published deeplab2 file, and a checkpoint does not record its output "
@@ -275,7 +330,7 @@ def configs(
     config: str | os.PathLike[str] | None = None,
 ) -> tuple[ModelConfig, PostProcessConfig]:
     """The network's options (widths from the shapes) and the post-processing, the rest from :func:`config_facts`."""
-    facts = config_facts(input_name, output_stride, config, _encoder(state))
+    facts = config_facts(input_name, output_stride, config, _encoder(state), _head_channels(state) in VOID_FIRST_HEADS)
     post = PostProcessConfig(center_threshold=facts.center_threshold, nms_kernel=facts.nms_kernel,
                              top_k=facts.top_k, stuff_area=facts.stuff_area)
     return model_config(state, num_classes, facts), post
@@ -302,6 +357,8 @@ def model_config(state: dict[str, Tensor], num_classes: int, facts: ConfigFacts)
         backbone=_encoder(state),
         pretrained=False,
         num_classes=num_classes,
+        # deeplab2 keeps its void channel at inference: a pixel whose argmax is void is void (COCO heads).
+        semantic_void_channel=_head_channels(state) == num_classes + 1,
         output_stride=facts.output_stride,
         aspp_channels=_out(state, f"semantic_decoder/{aspp}"),
         instance_aspp_channels=_out(state, f"instance_decoder/{aspp}"),
@@ -324,6 +381,7 @@ def model_config(state: dict[str, Tensor], num_classes: int, facts: ConfigFacts)
         align_corners=True,
         bn_momentum=0.01,  # Keras momentum 0.99 (batchnorm_momentum)
         bn_eps=facts.bn_eps,
+        inference_size=facts.inference_size,
         init="he",
     )
 

@@ -141,7 +141,7 @@ class Trainer:
             model = build_model(cfg.model)
         seed_everything(cfg.train.seed + self.dist.rank)
         self.model = wrap_model(model, self.dist)
-        self.criterion = PanopticDeepLabLoss(cfg.loss)
+        self.criterion = PanopticDeepLabLoss(cfg.loss, void_channel=cfg.model.semantic_void_channel)
         s = cfg.solver
         self.optimizer = torch.optim.Adam(
             unwrap_model(self.model).parameters(),

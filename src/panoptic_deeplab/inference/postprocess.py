@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from panoptic_deeplab.config import PostProcessConfig
-from panoptic_deeplab.data.coco_panoptic import LABEL_DIVISOR, VOID_LABEL
+from panoptic_deeplab.data.coco_panoptic import IGNORE_LABEL, LABEL_DIVISOR, VOID_LABEL
 
 __all__ = [
     "Instances",
@@ -69,7 +69,7 @@ class PanopticPrediction:
     """Post-processed output for one image."""
 
     label_map: Tensor  # [H, W] int64, train_id * label_divisor + instance, void = void_label
-    semantic: Tensor  # [H, W] int64 argmax of the semantic logits
+    semantic: Tensor  # [H, W] int64 argmax of the semantic logits (a train id; IGNORE_LABEL on a void channel)
     centers: Tensor  # [K, 2] int64 (y, x) detected centers, by decreasing score
     center_scores: Tensor  # [K] raw heatmap values at the centers
     instances: Instances
@@ -321,8 +321,11 @@ def _merge_flat(
     label_divisor: int,
     stuff_area: int,
     void_label: int,
+    void_class: int | None = None,
 ) -> _Merged:
-    """Majority vote + per-class numbering + stuff area filter, O(pixels) with bincount (SPEC §5)."""
+    """Majority vote + per-class numbering + stuff area filter, O(pixels) with bincount (SPEC §5).
+
+    ``void_class``: a stuff class whose pixels are void whatever their area (a semantic void channel)."""
     num_classes = is_thing.numel()
     if num_centers >= label_divisor:
         raise ValueError(
@@ -358,6 +361,8 @@ def _merge_flat(
         torch.arange(num_classes, device=device) * label_divisor,
         torch.tensor(void_label, device=device),
     )
+    if void_class is not None:
+        stuff_lut[void_class] = void_label
     label_flat = stuff_lut[semantic_flat]
     label_flat[thing_idx] = instance_lut[instance_ids]
     return _Merged(label_flat, kept_classes, numbers, areas[kept], kept)
@@ -412,9 +417,17 @@ def merge_semantic_and_instance(
 
 
 def _instance_scores_boxes(
-    logits: Tensor, thing_idx: Tensor, instance_ids: Tensor, merged: _Merged, center_scores: Tensor
+    logits: Tensor,
+    thing_idx: Tensor,
+    instance_ids: Tensor,
+    merged: _Merged,
+    center_scores: Tensor,
+    first_class_channel: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Scores (center value x mean softmax prob of the class over the mask) and boxes of kept instances.
+
+    Class ``k``'s logit is channel ``first_class_channel + k`` (1 behind a void channel); the softmax runs over
+    every channel.
 
     Sums over masks use bincount / scatter_reduce over the thing pixels once, never a scan per instance.
     """
@@ -424,7 +437,7 @@ def _instance_scores_boxes(
     if merged.classes.numel() == 0:
         return torch.zeros(0, device=device), torch.zeros(0, 4, device=device)
     class_of_instance = torch.zeros(num_centers + 1, dtype=torch.long, device=device)
-    class_of_instance[merged.center_index + 1] = merged.classes
+    class_of_instance[merged.center_index + 1] = merged.classes + first_class_channel
     prob_sum = torch.zeros(num_centers + 1, dtype=torch.float64, device=device)
     flat_logits = logits.reshape(num_classes, -1)
     # Chunked so that the [C, chunk] gather of logits stays small (8 MB in float32).
@@ -460,16 +473,24 @@ def panoptic_postprocess(
     cfg: PostProcessConfig | None = None,
     label_divisor: int = LABEL_DIVISOR,
     void_label: int = VOID_LABEL,
+    void_channel: bool = False,
 ) -> list[PanopticPrediction]:
     """Full post-processing of a batch of model outputs (SPEC §5), one :class:`PanopticPrediction` each.
 
     ``semantic_logits`` [N, C, H, W], ``center`` [N, 1, H, W] raw heatmap, ``offset`` [N, 2, H, W] (dy, dx);
     ``thing_ids`` are train ids. Thresholds come from ``cfg`` (defaults of :class:`PostProcessConfig`).
+    ``void_channel``: channel 0 of the logits is void and channel ``k + 1`` is train id ``k``
+    (``ModelConfig.semantic_void_channel``); a pixel whose argmax is channel 0 is void in the label map and
+    ``IGNORE_LABEL`` in the semantic map: deeplab2's COCO post-processing, where that channel is its ignore
+    label 0, a stuff class whose panoptic label is its void label at any area.
     """
     cfg = cfg or PostProcessConfig()
     if semantic_logits.dim() != 4:
         raise ValueError(f"semantic_logits must be [N, C, H, W], got {tuple(semantic_logits.shape)}")
-    batch, num_classes, height, width = semantic_logits.shape
+    batch, channels, height, width = semantic_logits.shape
+    num_classes = channels - int(void_channel)
+    if num_classes < 1:
+        raise ValueError(f"semantic_logits has {channels} channel(s): no class besides the void channel")
     if center.shape != (batch, 1, height, width) or offset.shape != (batch, 2, height, width):
         raise ValueError(
             f"center must be [{batch}, 1, {height}, {width}] and offset [{batch}, 2, {height}, {width}]; got "
@@ -483,6 +504,11 @@ def panoptic_postprocess(
     is_thing = _thing_lookup(thing_ids, num_classes, semantic_logits.device)
     # max(dim).indices gives the first maximum like argmax, and is ~10x faster than argmax over dim 1 on CPU.
     semantic = semantic_logits.max(dim=1).indices
+    void_class = None
+    if void_channel:  # void becomes the stuff class num_classes, after the real ones
+        void_class = num_classes
+        semantic = torch.where(semantic == 0, num_classes, semantic - 1)
+        is_thing = torch.cat([is_thing, is_thing.new_zeros(1)])
     centers, center_scores = find_instance_centers(center, cfg.center_threshold, cfg.nms_kernel, cfg.top_k)
     predictions = []
     for n in range(batch):
@@ -498,10 +524,11 @@ def panoptic_postprocess(
             label_divisor,
             cfg.stuff_area,
             void_label,
+            void_class,
         )
         label_map = merged.label_flat.view(height, width)
         scores, boxes = _instance_scores_boxes(
-            semantic_logits[n], thing_idx, instance_ids, merged, center_scores[n]
+            semantic_logits[n], thing_idx, instance_ids, merged, center_scores[n], int(void_channel)
         )
         instances = Instances(
             label_map=label_map,
@@ -512,7 +539,9 @@ def panoptic_postprocess(
             areas=merged.areas,
             center_index=merged.center_index,
         )
+        semantic_map = semantic[n] if void_class is None else semantic[n].masked_fill(semantic[n] == void_class,
+                                                                                       IGNORE_LABEL)
         predictions.append(
-            PanopticPrediction(label_map, semantic[n], centers[n], center_scores[n], instances)
+            PanopticPrediction(label_map, semantic_map, centers[n], center_scores[n], instances)
         )
     return predictions

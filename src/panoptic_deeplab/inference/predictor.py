@@ -250,6 +250,20 @@ def _memory_format(model: nn.Module) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def fit_to_range(height: int, width: int, size: Sequence[int]) -> tuple[int, int]:
+    """The size deeplab2 resizes an eval image to with ``min_resize_value = max_resize_value = size``
+    (``data/preprocessing/preprocess_utils.py``, ``resize_to_range_helper``): scale up until both sides reach
+    ``size``, then down until both fit in it (never up), each step's sides floored in float32 (``_scale_dim``)."""
+    target_h, target_w = (int(v) for v in size)
+
+    def scaled(h: int, w: int, factor: float) -> tuple[int, int]:
+        f = np.float32(factor)
+        return int(np.floor(np.float32(h) * f)), int(np.floor(np.float32(w) * f))
+
+    height, width = scaled(height, width, max(target_h / height, target_w / width))  # _resize_to_match_min_size
+    return scaled(height, width, min(np.float32(min(target_h / height, target_w / width)), np.float32(1.0)))
+
+
 class Predictor:
     """Panoptic-DeepLab inference on single images or batches, with optional test-time augmentation.
 
@@ -369,11 +383,14 @@ class Predictor:
     # ------------------------------------------------------------------ model runs
 
     def _forward_padded(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        """Run the model once on images padded to one valid size; outputs cropped back to each image."""
+        """Run the model once on images padded to one valid size (at least ``inference_size``); outputs cropped
+        back to each image."""
         height = max(int(im.shape[1]) for im in images)
         width = max(int(im.shape[2]) for im in images)
         cfg = self.model_cfg
         size = valid_input_size(height, width, cfg.output_stride, cfg.align_corners, cfg.size_divisibility)
+        if cfg.inference_size is not None:
+            size = (max(size[0], int(cfg.inference_size[0])), max(size[1], int(cfg.inference_size[1])))
         batch = torch.stack([pad_to_size(im, size, self._pad_fill) for im in images])
         batch = batch.contiguous(memory_format=_memory_format(self.model))
         outputs = self.model(batch)
@@ -385,10 +402,16 @@ class Predictor:
         ]
 
     def _scaled(self, image: Tensor, scale: float) -> Tensor:
-        if scale == 1.0:
+        fitted = self.model_cfg.inference_size is not None
+        if scale == 1.0 and not fitted:
             return image
-        height = max(1, int(round(image.shape[1] * scale)))
-        width = max(1, int(round(image.shape[2] * scale)))
+        height, width = int(image.shape[1]), int(image.shape[2])
+        if fitted:
+            height, width = fit_to_range(height, width, self.model_cfg.inference_size)  # type: ignore[arg-type]
+        height = max(1, int(round(height * scale)))
+        width = max(1, int(round(width * scale)))
+        if (height, width) == tuple(image.shape[1:]):
+            return image
         return F.interpolate(
             image[None], size=(height, width), mode="bilinear", align_corners=self.model_cfg.align_corners
         )[0].clamp_(0.0, 1.0)
@@ -454,6 +477,7 @@ class Predictor:
                         self.postprocess_cfg,
                         label_divisor=self.meta.label_divisor,
                         void_label=self.meta.void_label,
+                        void_channel=self.model_cfg.semantic_void_channel,
                     )[0]
                 results.append(_result_from_prediction(prediction, out["center"][0], out["offset"][0], self.meta))
         return results

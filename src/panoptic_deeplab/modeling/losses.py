@@ -96,14 +96,18 @@ class PanopticDeepLabLoss(nn.Module):
     ``forward(outputs, targets)`` takes the model's output dict (``semantic``, ``center``, ``offset``) and the
     batched targets of ``data.targets.generate_targets``, all at the same resolution, and returns ``total``
     plus the UNWEIGHTED terms ``semantic``, ``center``, ``offset`` (scalars, float32).
+    ``void_channel``: the semantic logits have a void channel first (``ModelConfig.semantic_void_channel``),
+    so train id ``k`` is channel ``k + 1``; as in deeplab2's COCO training, no pixel targets the void channel.
     """
 
     OUTPUT_KEYS = ("semantic", "center", "offset")
 
-    def __init__(self, cfg: LossConfig | None = None, *, ignore_label: int = IGNORE_LABEL) -> None:
+    def __init__(self, cfg: LossConfig | None = None, *, ignore_label: int = IGNORE_LABEL,
+                 void_channel: bool = False) -> None:
         super().__init__()
         self.cfg = cfg if cfg is not None else LossConfig()
         self.ignore_label = ignore_label
+        self.void_channel = void_channel
         if not 0.0 < self.cfg.top_k_percent <= 1.0:
             raise ValueError(f"loss.top_k_percent must lie in (0, 1], got {self.cfg.top_k_percent}")
 
@@ -112,9 +116,12 @@ class PanopticDeepLabLoss(nn.Module):
         missing += [f"targets[{k!r}]" for k in TARGET_KEYS if k not in targets]
         if missing:
             raise KeyError(f"PanopticDeepLabLoss: missing {', '.join(missing)}")
+        semantic_target = targets["semantic"]
+        if self.void_channel:
+            semantic_target = torch.where(semantic_target == self.ignore_label, semantic_target, semantic_target + 1)
         semantic = bootstrapped_cross_entropy(
             outputs["semantic"],
-            targets["semantic"],
+            semantic_target,
             targets["semantic_weights"],
             top_k_percent=self.cfg.top_k_percent,
             ignore_label=self.ignore_label,

@@ -26,7 +26,8 @@ class PanopticDeepLab(nn.Module):
     even or odd), normalises them with :meth:`normalize` (the ``pixel_mean`` / ``pixel_std`` buffers),
     and returns a dict at input resolution:
 
-    * ``semantic``: logits ``[N, num_classes, H, W]``
+    * ``semantic``: logits ``[N, num_classes, H, W]`` (``[N, 1 + num_classes, H, W]`` with
+      ``semantic_void_channel``: channel 0 is void, channel ``1 + k`` class ``k``)
     * ``center``: raw center heatmap ``[N, 1, H, W]`` (linear, no sigmoid)
     * ``offset``: ``[N, 2, H, W]``, channels ``(dy, dx)`` in input pixels, from a pixel to its center.
     """
@@ -82,7 +83,11 @@ class PanopticDeepLab(nn.Module):
             **common,
         )
         self.semantic_head = PredictionHead(
-            cfg.semantic_decoder_channels, cfg.semantic_head_channels, cfg.num_classes, kind=cfg.semantic_head, **norm
+            cfg.semantic_decoder_channels,
+            cfg.semantic_head_channels,
+            cfg.num_classes + int(cfg.semantic_void_channel),
+            kind=cfg.semantic_head,
+            **norm,
         )
         self.center_head = PredictionHead(
             cfg.instance_decoder_channels, cfg.instance_head_channels, 1, kind=cfg.center_head, **norm
