@@ -197,6 +197,23 @@ def d2_forward(sd: State, image255: Tensor, dsconv: bool, pool_kernel: tuple[int
 # ---------------------------------------------------------------------------------------------------
 
 BC_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+# DECODER.IN_CHANNELS and PANOPTIC_DEEPLAB.LOW_LEVEL_CHANNELS of the configs (res5; res4, res3, res2 or, for
+# MobileNetV2, layer_18; layer_14, layer_7, layer_4)
+BC_CHANNELS = {"resnet50": (2048, (1024, 512, 256)), "resnet101": (2048, (1024, 512, 256)),
+               "mobilenet_v2": (320, (96, 32, 24))}
+# MobileNetV2's inverted_residual_setting (t, c, n, s)
+MNV2_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1)]
+
+
+def _mnv2_blocks() -> list[tuple[int, int, int, int]]:
+    """(in, out, stride, expand ratio) of features.1 .. features.17."""
+    blocks, cin = [], 32
+    for t, c, n, s in MNV2_SETTING:
+        for i in range(n):
+            blocks.append((cin, c, s if i == 0 else 1, t))
+            cin = c
+    return blocks
 
 
 def bc_shapes(backbone: str, num_classes: int) -> Shapes:
@@ -210,29 +227,42 @@ def bc_shapes(backbone: str, num_classes: int) -> Shapes:
         seq(f"{name}.0.0", cin, cin, 5, groups=cin)
         conv_shapes(s, f"{name}.0.1", cin, cout, 1, norm=f"{name}.0.2")
 
-    # TorchVision ResNet (segmentation/model/backbone/resnet.py), no fc
-    conv_shapes(s, "backbone.conv1", 3, 64, 7, norm="backbone.bn1")
-    cin = 64
-    for stage, blocks in enumerate(BC_BLOCKS[backbone], start=1):
-        width = 64 * 2 ** (stage - 1)
-        for j in range(blocks):
-            name = f"backbone.layer{stage}.{j}"
-            conv_shapes(s, f"{name}.conv1", cin, width, 1, norm=f"{name}.bn1")
-            conv_shapes(s, f"{name}.conv2", width, width, 3, norm=f"{name}.bn2")
-            conv_shapes(s, f"{name}.conv3", width, width * 4, 1, norm=f"{name}.bn3")
-            if j == 0:
-                conv_shapes(s, f"{name}.downsample.0", cin, width * 4, 1, norm=f"{name}.downsample.1")
-            cin = width * 4
+    if backbone == "mobilenet_v2":
+        # segmentation/model/backbone/mobilenet.py: features.0 = ConvBNReLU(3, 32, stride 2), then the
+        # InvertedResidual blocks of inverted_residual_setting (no last 1x1 conv)
+        seq("backbone.features.0", 3, 32, 3)
+        for i, (cin, cout, _, t) in enumerate(_mnv2_blocks(), start=1):
+            name, hidden = f"backbone.features.{i}.conv", cin * t
+            if t != 1:
+                seq(f"{name}.0", cin, hidden, 1)
+            dw = f"{name}.{int(t != 1)}"
+            seq(dw, hidden, hidden, 3, groups=hidden)
+            conv_shapes(s, f"{name}.{int(t != 1) + 1}", hidden, cout, 1, norm=f"{name}.{int(t != 1) + 2}")
+    else:
+        # TorchVision ResNet (segmentation/model/backbone/resnet.py), no fc
+        conv_shapes(s, "backbone.conv1", 3, 64, 7, norm="backbone.bn1")
+        cin = 64
+        for stage, blocks in enumerate(BC_BLOCKS[backbone], start=1):
+            width = 64 * 2 ** (stage - 1)
+            for j in range(blocks):
+                name = f"backbone.layer{stage}.{j}"
+                conv_shapes(s, f"{name}.conv1", cin, width, 1, norm=f"{name}.bn1")
+                conv_shapes(s, f"{name}.conv2", width, width, 3, norm=f"{name}.bn2")
+                conv_shapes(s, f"{name}.conv3", width, width * 4, 1, norm=f"{name}.bn3")
+                if j == 0:
+                    conv_shapes(s, f"{name}.downsample.0", cin, width * 4, 1, norm=f"{name}.downsample.1")
+                cin = width * 4
+    high, taps = BC_CHANNELS[backbone]
     for branch, projections, channels in (("semantic_decoder", (128, 64, 32), 256),
                                           ("instance_decoder", (64, 32, 16), 128)):
         aspp = f"decoder.{branch}.aspp"
-        seq(f"{aspp}.convs.0", 2048, 256, 1)
+        seq(f"{aspp}.convs.0", high, 256, 1)
         for i in (1, 2, 3):
-            seq(f"{aspp}.convs.{i}", 2048, 256, 3)
-        conv_shapes(s, f"{aspp}.convs.4.aspp_pooling.1", 2048, 256, 1)
+            seq(f"{aspp}.convs.{i}", high, 256, 3)
+        conv_shapes(s, f"{aspp}.convs.4.aspp_pooling.1", high, 256, 1)
         seq(f"{aspp}.project", 5 * 256, 256, 1)
         running = 256
-        for i, (cin, proj) in enumerate(zip((1024, 512, 256), projections)):
+        for i, (cin, proj) in enumerate(zip(taps, projections)):
             seq(f"decoder.{branch}.project.{i}", cin, proj, 1)
             sep(f"decoder.{branch}.fuse.{i}", running + proj, channels)
             running = channels
@@ -242,6 +272,26 @@ def bc_shapes(backbone: str, num_classes: int) -> Shapes:
         sep(f"decoder.{name}.0", cin, head)
         conv_shapes(s, f"decoder.{name}.1", head, cout, 1, bias=True)
     return s
+
+
+def _resnet_features(sd: State, x: Tensor, backbone: str) -> dict[str, Tensor]:
+    """TorchVision's ResNet (segmentation/model/backbone/resnet.py) at os32: res2 .. res5."""
+    x = conv(x, sd, "backbone.conv1", norm="backbone.bn1", stride=2, padding=3)
+    x = F.max_pool2d(x, 3, 2, 1)
+    features = {}
+    for stage, blocks in enumerate(BC_BLOCKS[backbone], start=1):
+        for j in range(blocks):
+            name = f"backbone.layer{stage}.{j}"
+            stride = 2 if j == 0 and stage > 1 else 1
+            identity = x
+            if j == 0:
+                identity = conv(x, sd, f"{name}.downsample.0", norm=f"{name}.downsample.1", relu=False, stride=stride)
+            out = conv(x, sd, f"{name}.conv1", norm=f"{name}.bn1")
+            out = conv(out, sd, f"{name}.conv2", norm=f"{name}.bn2", stride=stride, padding=1)
+            out = conv(out, sd, f"{name}.conv3", norm=f"{name}.bn3", relu=False)
+            x = F.relu(out + identity)
+        features[f"res{stage + 1}"] = x
+    return features
 
 
 def bc_forward(sd: State, image: Tensor, backbone: str) -> dict[str, Tensor]:
@@ -258,21 +308,24 @@ def bc_forward(sd: State, image: Tensor, backbone: str) -> dict[str, Tensor]:
         x = seq(x, f"{name}.0.0", padding=2, groups=x.shape[1])
         return conv(x, sd, f"{name}.0.1", norm=f"{name}.0.2")
 
-    x = conv(x, sd, "backbone.conv1", norm="backbone.bn1", stride=2, padding=3)
-    x = F.max_pool2d(x, 3, 2, 1)
-    features = {}
-    for stage, blocks in enumerate(BC_BLOCKS[backbone], start=1):
-        for j in range(blocks):
-            name = f"backbone.layer{stage}.{j}"
-            stride = 2 if j == 0 and stage > 1 else 1
-            identity = x
-            if j == 0:
-                identity = conv(x, sd, f"{name}.downsample.0", norm=f"{name}.downsample.1", relu=False, stride=stride)
-            out = conv(x, sd, f"{name}.conv1", norm=f"{name}.bn1")
-            out = conv(out, sd, f"{name}.conv2", norm=f"{name}.bn2", stride=stride, padding=1)
-            out = conv(out, sd, f"{name}.conv3", norm=f"{name}.bn3", relu=False)
-            x = F.relu(out + identity)
-        features[f"res{stage + 1}"] = x
+    if backbone == "mobilenet_v2":  # MobileNetV2._forward_impl: layer_{i + 1} = output of features[i]; ReLU6
+        x = conv(x, sd, "backbone.features.0.0", norm="backbone.features.0.1", relu=False, stride=2, padding=1)
+        x, layers = x.clamp(0, 6), {}
+        for i, (cin, cout, stride, t) in enumerate(_mnv2_blocks(), start=1):
+            name, y = f"backbone.features.{i}.conv", x
+            if t != 1:
+                y = conv(y, sd, f"{name}.0.0", norm=f"{name}.0.1", relu=False).clamp(0, 6)
+            dw = f"{name}.{int(t != 1)}"
+            y = conv(y, sd, f"{dw}.0", norm=f"{dw}.1", relu=False, stride=stride, padding=1,
+                     groups=y.shape[1]).clamp(0, 6)
+            y = conv(y, sd, f"{name}.{int(t != 1) + 1}", norm=f"{name}.{int(t != 1) + 2}", relu=False)
+            x = x + y if stride == 1 and cin == cout else y
+            layers[f"layer_{i + 1}"] = x
+        # DECODER.FEATURE_KEY layer_18, PANOPTIC_DEEPLAB.LOW_LEVEL_KEY layer_14, layer_7, layer_4
+        features = {"res5": layers["layer_18"], "res4": layers["layer_14"], "res3": layers["layer_7"],
+                    "res2": layers["layer_4"]}
+    else:
+        features = _resnet_features(sd, x, backbone)
 
     def decoder(branch: str) -> Tensor:
         aspp = f"decoder.{branch}.aspp"

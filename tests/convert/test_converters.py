@@ -115,6 +115,26 @@ def test_bc_outputs_equal_reference(tmp_path) -> None:
     _assert_close(ours, bc_forward(state, image, "resnet50"))
 
 
+def test_bc_mobilenet_v2_outputs_equal_reference(tmp_path) -> None:
+    """panoptic_deeplab_MBNV2_100_os32_cityscapes: MobileNetV2 (ReLU6, no last 1x1 conv) taps layer_14, 7, 4."""
+    state = random_state(bc_shapes("mobilenet_v2", 19), seed=9)
+    path = tmp_path / "final_state.pth"
+    torch.save(state, path)
+    converted = convert_checkpoint("bc", path, tmp_path / "out.pt", progress=False)
+    model_cfg = converted.config.model
+    assert (model_cfg.backbone, model_cfg.output_stride, model_cfg.low_level_strides) == \
+        ("mobilenetv2_100", 32, (16, 8, 4))
+    assert converted.architecture == "mobilenetv2_100 with 3 decoder stages"
+    image = torch.rand(3, 129, 161, generator=torch.Generator().manual_seed(6))
+    ours = Predictor.from_checkpoint(converted.path, device="cpu").raw_outputs([image])[0]
+    _assert_close(ours, bc_forward(state, image, "mobilenet_v2"))
+    del state["backbone.features.17.conv.0.0.weight"]  # a narrower or truncated MobileNet is refused by name
+    state = {k: v for k, v in state.items() if not k.startswith("backbone.features.17.")}
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match=r"a MobileNet backbone with 17 feature blocks, not MobileNetV2 width 1.0"):
+        convert_checkpoint("bc", path, tmp_path / "o.pt", progress=False)
+
+
 def test_bc_legacy_torch_file(tmp_path) -> None:
     """A .pth of torch < 1.6 (no zip container: a pickle whose first object is torch's magic number)."""
     state = random_state(bc_shapes("resnet50", 19), seed=7)

@@ -5,6 +5,10 @@ The architecture, from its sources (SPEC §1, §8.1, §9.10):
 * backbones ``segmentation/model/backbone/resnet.py``: TorchVision ResNet-50/101 and ResNeXt-101 32x8d (the same
   modules and names as timm's ``resnet50``, ``resnet101``, ``resnext101_32x8d``), taps ``res2``..``res5``; the
   model-zoo configs run them at output stride 32 (``DILATION (False, False, False)``) with ASPP rates 3/6/9;
+  ``mobilenet.py``: TorchVision's MobileNetV2 (ReLU6, width 1.0) without its last 1x1 conv, the ``features``
+  outputs ``layer_N`` of block ``N - 1``; its config taps ``layer_14, layer_7, layer_4`` (strides 16, 8, 4) and runs
+  ASPP on ``layer_18``: timm's ``mobilenetv2_100`` (``features_only`` taps the same blocks, symmetric padding), names
+  mapped by :data:`MOBILENET_V2_STAGES`;
 * decoder ``segmentation/model/decoder/panoptic_deeplab.py`` (``SinglePanopticDeepLabDecoder``): ASPP
   (``aspp.py``: standard 3x3s, image pooling = global pool, 1x1 conv **without bias or norm**, ReLU, dropout 0.5),
   then one stage per ``LOW_LEVEL_KEY`` (``res4, res3, res2`` at os32): 1x1 projection + BN + ReLU,
@@ -36,6 +40,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # LOW_LEVEL_KEY of the configs: three taps at output stride 32, two (res3, res2) with a dilated res5.
 TAPS_BY_COUNT = {3: ("res4", "res3", "res2"), 2: ("res3", "res2")}
 STRIDE_OF_TAP = {"res2": 4, "res3": 8, "res4": 16}
+# Blocks per timm stage of mobilenetv2_100 = n of MobileNetV2's inverted_residual_setting: features.1 .. 17.
+MOBILENET_V2_STAGES = (1, 2, 3, 4, 3, 3, 1)
 
 
 def read(path: Path) -> dict[str, Tensor]:
@@ -54,12 +60,22 @@ def read(path: Path) -> dict[str, Tensor]:
 
 
 def backbone_name(state: dict[str, Tensor]) -> str:
-    """ResNet depth from the blocks of layer3 (6: 50, 23: 101); ResNeXt from the grouped 3x3 conv."""
+    """MobileNetV2 from its ``features``; ResNet depth from the blocks of layer3 (6: 50, 23: 101); ResNeXt from
+    the grouped 3x3 conv."""
+    if any(k.startswith("backbone.features.") for k in state):
+        features = {int(k.split(".")[2]) for k in state if k.startswith("backbone.features.")}
+        last = state.get("backbone.features.17.conv.2.weight")
+        if features != set(range(18)) or last is None or tuple(last.shape) != (320, 960, 1, 1):
+            raise ConversionError(
+                f"{TITLE} checkpoint: a MobileNet backbone with {len(features)} feature blocks, not MobileNetV2 "
+                "width 1.0 (18 blocks, a 320-channel last one): only mobilenet_v2 of its model zoo is supported"
+            )
+        return "mobilenetv2_100"
     blocks = {int(k.split(".")[2]) for k in state if k.startswith("backbone.layer3.")}
     if not blocks or "backbone.conv1.weight" not in state:
         raise ConversionError(
-            f"{TITLE} checkpoint: the backbone is not a TorchVision ResNet (no backbone.conv1 / backbone.layer3); "
-            "only the ResNet-50, ResNet-101 and ResNeXt-101 32x8d models are supported"
+            f"{TITLE} checkpoint: the backbone is not a TorchVision ResNet (no backbone.conv1 / backbone.layer3) "
+            "or MobileNetV2; only the ResNet-50, ResNet-101, ResNeXt-101 32x8d and MobileNetV2 models are supported"
         )
     depth = {6: 50, 23: 101}.get(max(blocks) + 1)
     conv2 = state["backbone.layer1.0.conv2.weight"]
@@ -152,9 +168,11 @@ def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
         km.conv_bn(f"{ours}.depthwise", f"{theirs}.0.0.0", f"{theirs}.0.0.1")
         km.conv_bn(f"{ours}.pointwise", f"{theirs}.0.1", f"{theirs}.0.2")
 
-    # Backbone: TorchVision names are timm's.
-    for key in model.backbone.body.state_dict():
-        km.add(f"backbone.body.{key}", f"backbone.{key}")
+    if backbone_name(state) == "mobilenetv2_100":
+        _mobilenet_v2_keys(km)
+    else:  # TorchVision's ResNet names are timm's.
+        for key in model.backbone.body.state_dict():
+            km.add(f"backbone.body.{key}", f"backbone.{key}")
 
     for branch in ("semantic_decoder", "instance_decoder"):
         aspp, theirs = f"{branch}.aspp", f"decoder.{branch}.aspp"
@@ -175,6 +193,30 @@ def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
     km.constants["pixel_mean"] = torch.tensor(IMAGENET_MEAN)
     km.constants["pixel_std"] = torch.tensor(IMAGENET_STD)
     return km
+
+
+def _mobilenet_v2_keys(km: KeyMap) -> None:
+    """timm ``mobilenetv2_100`` <- BC's ``features`` (``ConvBNReLU`` = Sequential(conv, BN, ReLU6);
+    ``InvertedResidual.conv`` = [expand ConvBNReLU,] depthwise ConvBNReLU, 1x1 conv, BN)."""
+    km.conv("backbone.body.conv_stem", "backbone.features.0.0")
+    km.bn("backbone.body.bn1", "backbone.features.0.1")
+    index = 1
+    for stage, blocks in enumerate(MOBILENET_V2_STAGES):
+        for block in range(blocks):
+            ours, theirs = f"backbone.body.blocks.{stage}.{block}", f"backbone.features.{index}.conv"
+            if stage == 0:  # expand ratio 1: timm's DepthwiseSeparableConv
+                km.conv(f"{ours}.conv_dw", f"{theirs}.0.0")
+                km.bn(f"{ours}.bn1", f"{theirs}.0.1")
+                km.conv(f"{ours}.conv_pw", f"{theirs}.1")
+                km.bn(f"{ours}.bn2", f"{theirs}.2")
+            else:  # timm's InvertedResidual
+                km.conv(f"{ours}.conv_pw", f"{theirs}.0.0")
+                km.bn(f"{ours}.bn1", f"{theirs}.0.1")
+                km.conv(f"{ours}.conv_dw", f"{theirs}.1.0")
+                km.bn(f"{ours}.bn2", f"{theirs}.1.1")
+                km.conv(f"{ours}.conv_pwl", f"{theirs}.2")
+                km.bn(f"{ours}.bn3", f"{theirs}.3")
+            index += 1
 
 
 def architecture(state: dict[str, Tensor]) -> str:
