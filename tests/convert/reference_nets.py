@@ -200,7 +200,11 @@ BC_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 # DECODER.IN_CHANNELS and PANOPTIC_DEEPLAB.LOW_LEVEL_CHANNELS of the configs (res5; res4, res3, res2 or, for
 # MobileNetV2, layer_18; layer_14, layer_7, layer_4)
 BC_CHANNELS = {"resnet50": (2048, (1024, 512, 256)), "resnet101": (2048, (1024, 512, 256)),
-               "mobilenet_v2": (320, (96, 32, 24))}
+               "mobilenet_v2": (320, (96, 32, 24)), "xception65": (2048, (728, 728, 256))}
+# Xception65.__init__ (segmentation/model/backbone/xception.py) at os32: channel_list, stride, skip type, relu_first
+XCEPTION65_BLOCKS = ([([64, 128, 128, 128], 2, "conv", True), ([128, 256, 256, 256], 2, "conv", True),
+                      ([256, 728, 728, 728], 2, "conv", True)] + [([728] * 4, 1, "sum", True)] * 16
+                     + [([728, 728, 1024, 1024], 2, "conv", True), ([1024, 1536, 1536, 2048], 1, "none", False)])
 # MobileNetV2's inverted_residual_setting (t, c, n, s)
 MNV2_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1)]
@@ -227,7 +231,18 @@ def bc_shapes(backbone: str, num_classes: int) -> Shapes:
         seq(f"{name}.0.0", cin, cin, 5, groups=cin)
         conv_shapes(s, f"{name}.0.1", cin, cout, 1, norm=f"{name}.0.2")
 
-    if backbone == "mobilenet_v2":
+    if backbone == "xception65":
+        conv_shapes(s, "backbone.conv1", 3, 32, 3, norm="backbone.bn1")
+        conv_shapes(s, "backbone.conv2", 32, 64, 3, norm="backbone.bn2")
+        for b, (channels, _, skip, _) in enumerate(XCEPTION65_BLOCKS, start=1):
+            for j in (1, 2, 3):
+                layers = f"backbone.block{b}.sep_conv{j}.block"
+                conv_shapes(s, f"{layers}.depthwise", channels[j - 1], channels[j - 1], 3, groups=channels[j - 1],
+                            norm=f"{layers}.bn_depth")
+                conv_shapes(s, f"{layers}.pointwise", channels[j - 1], channels[j], 1, norm=f"{layers}.bn_point")
+            if skip == "conv":
+                conv_shapes(s, f"backbone.block{b}.conv", channels[0], channels[3], 1, norm=f"backbone.block{b}.bn")
+    elif backbone == "mobilenet_v2":
         # segmentation/model/backbone/mobilenet.py: features.0 = ConvBNReLU(3, 32, stride 2), then the
         # InvertedResidual blocks of inverted_residual_setting (no last 1x1 conv)
         seq("backbone.features.0", 3, 32, 3)
@@ -294,11 +309,42 @@ def _resnet_features(sd: State, x: Tensor, backbone: str) -> dict[str, Tensor]:
     return features
 
 
+def _xception65_features(sd: State, x: Tensor) -> dict[str, Tensor]:
+    """Xception65.forward: res2 / res3 = sc2 of blocks 2 / 3 (before the third separable conv's leading ReLU),
+    res4 = block19's output, res5 = block21's."""
+    x = conv(x, sd, "backbone.conv1", norm="backbone.bn1", stride=2, padding=1)
+    x = conv(x, sd, "backbone.conv2", norm="backbone.bn2", padding=1)
+    features = {}
+    for b, (channels, stride, skip, relu_first) in enumerate(XCEPTION65_BLOCKS, start=1):
+        y = x
+        for j in (1, 2, 3):
+            sep = f"backbone.block{b}.sep_conv{j}.block"
+            s = stride if j == 3 else 1
+            if relu_first:  # SeparableConv2d: ReLU, depthwise, BN, pointwise, BN
+                y = F.relu(y)
+            y = conv(y, sd, f"{sep}.depthwise", norm=f"{sep}.bn_depth", relu=not relu_first, stride=s, padding=1,
+                     groups=channels[j - 1])
+            y = conv(y, sd, f"{sep}.pointwise", norm=f"{sep}.bn_point", relu=not relu_first)
+            if j == 2 and b in (2, 3):
+                features[f"res{b}"] = y
+        if skip == "conv":
+            y = y + conv(x, sd, f"backbone.block{b}.conv", norm=f"backbone.block{b}.bn", relu=False, stride=stride)
+        elif skip == "sum":
+            y = y + x
+        x = y
+        if b == 19:
+            features["res4"] = x
+    features["res5"] = x
+    return features
+
+
 def bc_forward(sd: State, image: Tensor, backbone: str) -> dict[str, Tensor]:
     """``BaseSegmentationModel.forward`` + ``PanopticDeepLab._upsample_predictions`` at os32, image ``[3, H, W]``
     in [0, 1] normalised with the configs' ImageNet mean/std."""
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    if backbone == "xception65":  # its config's DATASET.MEAN = STD = 0.5
+        mean, std = torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.5)
     x = ((image - mean) / std)[None]
 
     def seq(x: Tensor, name: str, **kw) -> Tensor:
@@ -324,6 +370,8 @@ def bc_forward(sd: State, image: Tensor, backbone: str) -> dict[str, Tensor]:
         # DECODER.FEATURE_KEY layer_18, PANOPTIC_DEEPLAB.LOW_LEVEL_KEY layer_14, layer_7, layer_4
         features = {"res5": layers["layer_18"], "res4": layers["layer_14"], "res3": layers["layer_7"],
                     "res2": layers["layer_4"]}
+    elif backbone == "xception65":
+        features = _xception65_features(sd, x)
     else:
         features = _resnet_features(sd, x, backbone)
 

@@ -135,6 +135,35 @@ def test_bc_mobilenet_v2_outputs_equal_reference(tmp_path) -> None:
         convert_checkpoint("bc", path, tmp_path / "o.pt", progress=False)
 
 
+def test_bc_xception65_outputs_equal_reference(tmp_path) -> None:
+    """panoptic_deeplab_X65_os32_cityscapes_lr_x10: its own Xception-65 taps (before the ReLUs timm taps after,
+    the middle flow's output), BN epsilon 1e-5, its normalisation mean = std = 0.5."""
+    state = random_state(bc_shapes("xception65", 19), seed=10)
+    path = tmp_path / "final_state.pth"
+    torch.save(state, path)
+    converted = convert_checkpoint("bc", path, tmp_path / "out.pt", progress=False)
+    model_cfg = converted.config.model
+    assert (model_cfg.backbone, model_cfg.output_stride, model_cfg.low_level_strides, model_cfg.bn_momentum) == \
+        ("bc_xception65", 32, (16, 8, 4), 0.001)
+    image = torch.rand(3, 129, 161, generator=torch.Generator().manual_seed(7))
+    ours = Predictor.from_checkpoint(converted.path, device="cpu").raw_outputs([image])[0]
+    _assert_close(ours, bc_forward(state, image, "xception65"))
+    state = {k: v for k, v in state.items() if not k.startswith("backbone.block21.")}
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match=r"an Xception backbone with 20 blocks, not Xception-65"):
+        convert_checkpoint("bc", path, tmp_path / "o.pt", progress=False)
+
+
+def test_bc_xception65_exists_for_converted_weights_only() -> None:
+    from panoptic_deeplab.modeling.backbone import Backbone
+
+    with pytest.raises(ValueError, match=r"backbone 'bc_xception65' has no ImageNet weights of its own: start from a "
+                                         r"converted bowenc0221 checkpoint \(panoptic-deeplab convert --from bc"):
+        Backbone("bc_xception65", 32, pretrained=True)
+    with pytest.raises(ValueError, match=r"Xception-65 is built at output stride 32 \(its config\), not 16"):
+        Backbone("bc_xception65", 16)
+
+
 def test_bc_legacy_torch_file(tmp_path) -> None:
     """A .pth of torch < 1.6 (no zip container: a pickle whose first object is torch's magic number)."""
     state = random_state(bc_shapes("resnet50", 19), seed=7)

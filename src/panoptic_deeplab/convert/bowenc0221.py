@@ -8,7 +8,9 @@ The architecture, from its sources (SPEC §1, §8.1, §9.10):
   ``mobilenet.py``: TorchVision's MobileNetV2 (ReLU6, width 1.0) without its last 1x1 conv, the ``features``
   outputs ``layer_N`` of block ``N - 1``; its config taps ``layer_14, layer_7, layer_4`` (strides 16, 8, 4) and runs
   ASPP on ``layer_18``: timm's ``mobilenetv2_100`` (``features_only`` taps the same blocks, symmetric padding), names
-  mapped by :data:`MOBILENET_V2_STAGES`;
+  mapped by :data:`MOBILENET_V2_STAGES`; ``xception.py``: its Xception-65 (taps before the ReLUs timm's
+  ``xception65`` taps after, the middle flow's output as ``res4``, BN epsilon 1e-5): ``bc_xception65`` of timm's
+  modules, with its config's own normalisation (``DATASET.MEAN = STD = 0.5``) and ``BN_MOMENTUM`` 0.001;
 * decoder ``segmentation/model/decoder/panoptic_deeplab.py`` (``SinglePanopticDeepLabDecoder``): ASPP
   (``aspp.py``: standard 3x3s, image pooling = global pool, 1x1 conv **without bias or norm**, ReLU, dropout 0.5),
   then one stage per ``LOW_LEVEL_KEY`` (``res4, res3, res2`` at os32): 1x1 projection + BN + ReLU,
@@ -37,6 +39,9 @@ NAME = "bc"
 TITLE = "bowenc0221/panoptic-deeplab"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DATASET.MEAN / STD of the configs
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# panoptic_deeplab_X65_os32_cityscapes_lr_x10.yaml: DATASET.MEAN = STD = (0.5, 0.5, 0.5), BN_MOMENTUM 0.001.
+XCEPTION_NORMALISATION = (0.5, 0.5, 0.5)
+XCEPTION_BN_MOMENTUM = 0.001
 # LOW_LEVEL_KEY of the configs: three taps at output stride 32, two (res3, res2) with a dilated res5.
 TAPS_BY_COUNT = {3: ("res4", "res3", "res2"), 2: ("res3", "res2")}
 STRIDE_OF_TAP = {"res2": 4, "res3": 8, "res4": 16}
@@ -62,6 +67,15 @@ def read(path: Path) -> dict[str, Tensor]:
 def backbone_name(state: dict[str, Tensor]) -> str:
     """MobileNetV2 from its ``features``; ResNet depth from the blocks of layer3 (6: 50, 23: 101); ResNeXt from
     the grouped 3x3 conv."""
+    if any(k.startswith("backbone.block") for k in state):
+        blocks = {int(k.split(".")[1].removeprefix("block")) for k in state if k.startswith("backbone.block")}
+        last = state.get("backbone.block21.sep_conv3.block.pointwise.weight")
+        if blocks != set(range(1, 22)) or last is None or tuple(last.shape) != (2048, 1536, 1, 1):
+            raise ConversionError(
+                f"{TITLE} checkpoint: an Xception backbone with {len(blocks)} blocks, not Xception-65 (21 blocks, a "
+                "2048-channel last one): only xception65 of its model zoo is supported"
+            )
+        return "bc_xception65"
     if any(k.startswith("backbone.features.") for k in state):
         features = {int(k.split(".")[2]) for k in state if k.startswith("backbone.features.")}
         last = state.get("backbone.features.17.conv.2.weight")
@@ -74,8 +88,9 @@ def backbone_name(state: dict[str, Tensor]) -> str:
     blocks = {int(k.split(".")[2]) for k in state if k.startswith("backbone.layer3.")}
     if not blocks or "backbone.conv1.weight" not in state:
         raise ConversionError(
-            f"{TITLE} checkpoint: the backbone is not a TorchVision ResNet (no backbone.conv1 / backbone.layer3) "
-            "or MobileNetV2; only the ResNet-50, ResNet-101, ResNeXt-101 32x8d and MobileNetV2 models are supported"
+            f"{TITLE} checkpoint: the backbone is not a TorchVision ResNet (no backbone.conv1 / backbone.layer3), "
+            "MobileNetV2 or Xception-65; only the ResNet-50, ResNet-101, ResNeXt-101 32x8d, MobileNetV2 and "
+            "Xception-65 models are supported"
         )
     depth = {6: 50, 23: 101}.get(max(blocks) + 1)
     conv2 = state["backbone.layer1.0.conv2.weight"]
@@ -110,8 +125,9 @@ def model_config(state: dict[str, Tensor], num_classes: int, output_stride: int 
     def widths(branch: str) -> tuple[int, ...]:
         return tuple(int(state[f"decoder.{branch}.project.{i}.0.weight"].shape[0]) for i in range(len(taps)))
 
+    backbone = backbone_name(state)
     return ModelConfig(
-        backbone=backbone_name(state),
+        backbone=backbone,
         pretrained=False,
         num_classes=num_classes,
         output_stride=output_stride,
@@ -133,7 +149,7 @@ def model_config(state: dict[str, Tensor], num_classes: int, output_stride: int 
         offset_head="dsconv",
         concat_low_level_first=False,
         align_corners=True,
-        bn_momentum=0.01,  # MODEL.BN_MOMENTUM of the configs
+        bn_momentum=XCEPTION_BN_MOMENTUM if backbone == "bc_xception65" else 0.01,  # MODEL.BN_MOMENTUM
         bn_eps=1e-5,
     )
 
@@ -168,8 +184,11 @@ def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
         km.conv_bn(f"{ours}.depthwise", f"{theirs}.0.0.0", f"{theirs}.0.0.1")
         km.conv_bn(f"{ours}.pointwise", f"{theirs}.0.1", f"{theirs}.0.2")
 
-    if backbone_name(state) == "mobilenetv2_100":
+    backbone = backbone_name(state)
+    if backbone == "mobilenetv2_100":
         _mobilenet_v2_keys(km)
+    elif backbone == "bc_xception65":
+        _xception65_keys(km)
     else:  # TorchVision's ResNet names are timm's.
         for key in model.backbone.body.state_dict():
             km.add(f"backbone.body.{key}", f"backbone.{key}")
@@ -190,8 +209,9 @@ def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
         separable(f"{ours}.tower", f"decoder.{theirs}.0")
         km.conv(f"{ours}.predictor", f"decoder.{theirs}.1", bias=True)
 
-    km.constants["pixel_mean"] = torch.tensor(IMAGENET_MEAN)
-    km.constants["pixel_std"] = torch.tensor(IMAGENET_STD)
+    xception = backbone == "bc_xception65"
+    km.constants["pixel_mean"] = torch.tensor(XCEPTION_NORMALISATION if xception else IMAGENET_MEAN)
+    km.constants["pixel_std"] = torch.tensor(XCEPTION_NORMALISATION if xception else IMAGENET_STD)
     return km
 
 
@@ -217,6 +237,26 @@ def _mobilenet_v2_keys(km: KeyMap) -> None:
                 km.conv(f"{ours}.conv_pwl", f"{theirs}.2")
                 km.bn(f"{ours}.bn3", f"{theirs}.3")
             index += 1
+
+
+def _xception65_keys(km: KeyMap) -> None:
+    """timm's ``xception65`` names (``bc_xception65``) <- BC's ``Xception65`` (``conv1``/``bn1``, ``conv2``/``bn2``,
+    ``block{1..21}`` of ``sep_conv{1,2,3}.block.{depthwise, bn_depth, pointwise, bn_point}`` and a ``conv``/``bn``
+    shortcut)."""
+    for i in (1, 2):
+        km.conv(f"backbone.body.stem.{i - 1}.conv", f"backbone.conv{i}")
+        km.bn(f"backbone.body.stem.{i - 1}.bn", f"backbone.bn{i}")
+    for block in range(1, 22):
+        ours, theirs = f"backbone.body.blocks.{block - 1}", f"backbone.block{block}"
+        for conv in (1, 2, 3):
+            sep, layers = f"{ours}.stack.conv{conv}", f"{theirs}.sep_conv{conv}.block"
+            km.conv(f"{sep}.conv_dw", f"{layers}.depthwise")
+            km.bn(f"{sep}.bn_dw", f"{layers}.bn_depth")
+            km.conv(f"{sep}.conv_pw", f"{layers}.pointwise")
+            km.bn(f"{sep}.bn_pw", f"{layers}.bn_point")
+        if block in (1, 2, 3, 20):  # skip_connection_type 'conv'
+            km.conv(f"{ours}.shortcut.conv", f"{theirs}.conv")
+            km.bn(f"{ours}.shortcut.bn", f"{theirs}.bn")
 
 
 def architecture(state: dict[str, Tensor]) -> str:

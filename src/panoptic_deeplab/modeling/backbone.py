@@ -22,6 +22,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
+from .bc_xception import BCXception65
 from .dl2_mobilenet import DeepLab2MobileNetV3
 from .dl2_resnet import DeepLab2ResNet
 
@@ -68,19 +69,30 @@ BACKBONE_PRESETS: dict[str, BackbonePreset] = {
     "mobilenetv3_large": BackbonePreset("mobilenetv3_large_100", {"feature_location": "expansion"}),
     "resnet50": BackbonePreset("resnet50"),
     "resnet101": BackbonePreset("resnet101"),
-    # timm's aligned (TF-DeepLab) Xceptions: the stride-4/8 taps are the activations before the strided
-    # third separable conv of entry blocks 2 and 3, as in BC (SPEC §1.2).
+    # timm's aligned (TF-DeepLab) Xceptions: the stride-4/8 taps are the ReLU outputs that enter the strided
+    # third separable conv of entry blocks 2 and 3; BC taps just before that ReLU (SPEC §1.2: bc_xception65).
     "xception65": BackbonePreset("xception65"),
     "xception71": BackbonePreset("xception71"),
 }
-# deeplab2's own encoders (not timm's: see dl2_mobilenet.py, dl2_resnet.py), for its converted checkpoints:
-# name -> a constructor taking (output_stride, bn_eps).
-DL2_ENCODERS: dict[str, Callable[[int, float], nn.Module]] = {
-    "dl2_mobilenetv3_small": functools.partial(DeepLab2MobileNetV3, "small"),
-    "dl2_mobilenetv3_large": functools.partial(DeepLab2MobileNetV3, "large"),
-    "dl2_resnet50": functools.partial(DeepLab2ResNet, "resnet50"),
-    "dl2_resnet50_beta": functools.partial(DeepLab2ResNet, "resnet50_beta"),
-    "dl2_wide_resnet41": functools.partial(DeepLab2ResNet, "wide_resnet41"),
+
+
+@dataclass(frozen=True)
+class ReferenceEncoder:
+    """An encoder that exists only to hold a reference implementation's converted weights."""
+
+    build: Callable[[int, float], nn.Module]  # (output_stride, bn_eps) -> the features module
+    reference: str  # whose checkpoints it takes
+    source: str  # convert --from ...
+
+
+# deeplab2's and bowenc0221's own encoders (not timm's: see dl2_mobilenet.py, dl2_resnet.py, bc_xception.py).
+REFERENCE_ENCODERS: dict[str, ReferenceEncoder] = {
+    "dl2_mobilenetv3_small": ReferenceEncoder(functools.partial(DeepLab2MobileNetV3, "small"), "deeplab2", "dl2"),
+    "dl2_mobilenetv3_large": ReferenceEncoder(functools.partial(DeepLab2MobileNetV3, "large"), "deeplab2", "dl2"),
+    "dl2_resnet50": ReferenceEncoder(functools.partial(DeepLab2ResNet, "resnet50"), "deeplab2", "dl2"),
+    "dl2_resnet50_beta": ReferenceEncoder(functools.partial(DeepLab2ResNet, "resnet50_beta"), "deeplab2", "dl2"),
+    "dl2_wide_resnet41": ReferenceEncoder(functools.partial(DeepLab2ResNet, "wide_resnet41"), "deeplab2", "dl2"),
+    "bc_xception65": ReferenceEncoder(BCXception65, "bowenc0221", "bc"),
 }
 
 SUPPORTED_OUTPUT_STRIDES = (8, 16, 32)
@@ -92,7 +104,7 @@ def resolve_backbone(name: str) -> BackbonePreset:
         return BACKBONE_PRESETS[name]
     if not timm.is_model(name):
         raise ValueError(
-            f"unknown backbone {name!r}: not a preset ({', '.join([*BACKBONE_PRESETS, *DL2_ENCODERS])}) "
+            f"unknown backbone {name!r}: not a preset ({', '.join([*BACKBONE_PRESETS, *REFERENCE_ENCODERS])}) "
             "and not a timm model name"
         )
     return BackbonePreset(name)
@@ -267,7 +279,8 @@ class Backbone(nn.Module):
 
     Attributes ``channels`` and ``strides`` give each tap's channel count and stride. ``multi_grid``
     multiplies the dilation of each block of a ResNet's last stage (SPEC §1.2, D2's R52: 1, 2, 4).
-    ``bn_eps`` is the batch-norm epsilon of deeplab2's encoders (``DL2_ENCODERS``); timm's keep their own.
+    ``bn_eps`` is the batch-norm epsilon of the references' own encoders (``REFERENCE_ENCODERS``); timm's keep
+    their own.
     """
 
     def __init__(
@@ -282,13 +295,15 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        if name in DL2_ENCODERS:
+        if name in REFERENCE_ENCODERS:
+            encoder = REFERENCE_ENCODERS[name]
             if pretrained or weights_path is not None:
                 raise ValueError(
-                    f"backbone {name!r} has no ImageNet weights of its own: start from a converted deeplab2 "
-                    "checkpoint (panoptic-deeplab convert --from dl2, then model.init_checkpoint) with pretrained=False"
+                    f"backbone {name!r} has no ImageNet weights of its own: start from a converted {encoder.reference} "
+                    f"checkpoint (panoptic-deeplab convert --from {encoder.source}, then model.init_checkpoint) with "
+                    "pretrained=False"
                 )
-            self.body: nn.Module = DL2_ENCODERS[name](output_stride, bn_eps)
+            self.body: nn.Module = encoder.build(output_stride, bn_eps)
         else:
             self.body = create_timm_features(name, output_stride, pretrained, weights_path)
         info = self.body.feature_info
