@@ -77,34 +77,56 @@ class _BlockBuilder:
         return bytes(self.buffer) + tail
 
 
-def _write_block(out: bytearray, contents: bytes) -> bytes:
-    """Append a block with its trailer; returns its handle."""
+def _write_block(out: bytearray, contents: bytes, block_type: int = 0) -> bytes:
+    """Append a block with its trailer (type 0: not compressed); returns its handle."""
     handle = _varint(len(out)) + _varint(len(contents))
-    out += contents + b"\x00" + _masked(contents + b"\x00").to_bytes(4, "little")
+    trailer = bytes([block_type])
+    out += contents + trailer + _masked(contents + trailer).to_bytes(4, "little")
     return handle
 
 
-def write_tf_checkpoint(prefix: Path, tensors: dict[str, np.ndarray]) -> None:
-    """``prefix.index`` + ``prefix.data-00000-of-00001`` holding ``tensors`` (float32 / int64 arrays)."""
-    data = bytearray()
-    entries = {b"": _field_varint(1, 1) + _field_bytes(3, _field_varint(1, 1))}  # num_shards 1, version {producer 1}
+def write_tf_checkpoint(prefix: Path, tensors: dict[str, np.ndarray], *, num_shards: int = 1,
+                        shard_of: dict[str, int] | None = None, big_endian: bool = False, block_type: int = 0,
+                        extra_fields: dict[str, bytes] | None = None) -> None:
+    """``prefix.index`` + ``prefix.data-0000S-of-0000N`` holding ``tensors`` (float32 / int64 arrays).
+
+    For the reader's error paths: ``shard_of`` puts tensors in other shards, ``big_endian`` sets the header's
+    endianness, ``block_type`` marks the data blocks as compressed, ``extra_fields`` appends raw protobuf fields
+    to an entry (a later field overrides an earlier one, as protobuf parsers read them)."""
+    shard_of, extra_fields = shard_of or {}, extra_fields or {}
+    data = [bytearray() for _ in range(num_shards)]
+    header = _field_varint(1, num_shards) + (_field_varint(2, 1) if big_endian else b"")
+    entries = {b"": header + _field_bytes(3, _field_varint(1, 1))}  # version {producer 1}
     for name, array in tensors.items():
         raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-        entries[name.encode()] = _entry_proto(array, len(data), raw)
-        data += raw
+        shard = shard_of.get(name, 0)
+        entry = _entry_proto(array, len(data[shard]), raw)
+        entries[name.encode()] = entry + (_field_varint(3, shard) if shard else b"") + extra_fields.get(name, b"")
+        data[shard] += raw
     table = bytearray()
     index = _BlockBuilder()
     block = _BlockBuilder()
     for key in sorted(entries):
         block.add(key, entries[key])
         if len(block.buffer) >= BLOCK_SIZE:
-            index.add(key, _write_block(table, block.finish()))
+            index.add(key, _write_block(table, block.finish(), block_type))
             block = _BlockBuilder()
     if block.count:
-        index.add(block.last, _write_block(table, block.finish()))
+        index.add(block.last, _write_block(table, block.finish(), block_type))
     metaindex = _write_block(table, _BlockBuilder().finish())
     index_handle = _write_block(table, index.finish())
     footer = (metaindex + index_handle).ljust(40, b"\x00") + MAGIC.to_bytes(8, "little")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_name(prefix.name + ".index").write_bytes(bytes(table + footer))
-    prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(bytes(data))
+    for shard, shard_data in enumerate(data):
+        prefix.with_name(f"{prefix.name}.data-{shard:05d}-of-{num_shards:05d}").write_bytes(bytes(shard_data))
+
+
+def field_bytes(field: int, value: bytes) -> bytes:
+    """A length-delimited protobuf field (e.g. an entry's ``slices``)."""
+    return _field_bytes(field, value)
+
+
+def field_varint(field: int, value: int) -> bytes:
+    """A varint protobuf field (e.g. an entry's ``dtype``)."""
+    return _field_varint(field, value)
