@@ -200,7 +200,10 @@ BC_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 # DECODER.IN_CHANNELS and PANOPTIC_DEEPLAB.LOW_LEVEL_CHANNELS of the configs (res5; res4, res3, res2 or, for
 # MobileNetV2, layer_18; layer_14, layer_7, layer_4)
 BC_CHANNELS = {"resnet50": (2048, (1024, 512, 256)), "resnet101": (2048, (1024, 512, 256)),
-               "mobilenet_v2": (320, (96, 32, 24)), "xception65": (2048, (728, 728, 256))}
+               "mobilenet_v2": (320, (96, 32, 24)), "xception65": (2048, (728, 728, 256)),
+               "hrnet48": (384, (192, 96, 48))}
+# segmentation/config/hrnet_config.py HRNET_48: (NUM_MODULES, NUM_CHANNELS) of STAGE2..4, 4 BASIC blocks per branch
+HRNET48_STAGES = ((1, (48, 96)), (4, (48, 96, 192)), (3, (48, 96, 192, 384)))
 # Xception65.__init__ (segmentation/model/backbone/xception.py) at os32: channel_list, stride, skip type, relu_first
 XCEPTION65_BLOCKS = ([([64, 128, 128, 128], 2, "conv", True), ([128, 256, 256, 256], 2, "conv", True),
                       ([256, 728, 728, 728], 2, "conv", True)] + [([728] * 4, 1, "sum", True)] * 16
@@ -231,7 +234,9 @@ def bc_shapes(backbone: str, num_classes: int) -> Shapes:
         seq(f"{name}.0.0", cin, cin, 5, groups=cin)
         conv_shapes(s, f"{name}.0.1", cin, cout, 1, norm=f"{name}.0.2")
 
-    if backbone == "xception65":
+    if backbone == "hrnet48":
+        _hrnet48_shapes(s)
+    elif backbone == "xception65":
         conv_shapes(s, "backbone.conv1", 3, 32, 3, norm="backbone.bn1")
         conv_shapes(s, "backbone.conv2", 32, 64, 3, norm="backbone.bn2")
         for b, (channels, _, skip, _) in enumerate(XCEPTION65_BLOCKS, start=1):
@@ -309,6 +314,100 @@ def _resnet_features(sd: State, x: Tensor, backbone: str) -> dict[str, Tensor]:
     return features
 
 
+def _hrnet48_shapes(s: Shapes) -> None:
+    """HighResolutionNet.__init__ (segmentation/model/backbone/hrnet.py): stem, layer1 of 4 Bottlenecks,
+    transitions, stages of HighResolutionModules (BasicBlock branches, fuse layers)."""
+    conv_shapes(s, "backbone.conv1", 3, 64, 3, norm="backbone.bn1")
+    conv_shapes(s, "backbone.conv2", 64, 64, 3, norm="backbone.bn2")
+    cin = 64
+    for j in range(4):
+        name = f"backbone.layer1.{j}"
+        conv_shapes(s, f"{name}.conv1", cin, 64, 1, norm=f"{name}.bn1")
+        conv_shapes(s, f"{name}.conv2", 64, 64, 3, norm=f"{name}.bn2")
+        conv_shapes(s, f"{name}.conv3", 64, 256, 1, norm=f"{name}.bn3")
+        if j == 0:
+            conv_shapes(s, f"{name}.downsample.0", 64, 256, 1, norm=f"{name}.downsample.1")
+        cin = 256
+    previous = [256]
+    for stage, (modules, channels) in enumerate(HRNET48_STAGES, start=2):
+        for i, width in enumerate(channels):  # _make_transition_layer
+            name = f"backbone.transition{stage - 1}.{i}"
+            if i < len(previous):
+                if previous[i] != width:
+                    conv_shapes(s, f"{name}.0", previous[i], width, 3, norm=f"{name}.1")
+            else:
+                conv_shapes(s, f"{name}.0.0", previous[-1], width, 3, norm=f"{name}.0.1")
+        for m in range(modules):
+            module = f"backbone.stage{stage}.{m}"
+            for b, width in enumerate(channels):
+                for k in range(4):
+                    name = f"{module}.branches.{b}.{k}"
+                    conv_shapes(s, f"{name}.conv1", width, width, 3, norm=f"{name}.bn1")
+                    conv_shapes(s, f"{name}.conv2", width, width, 3, norm=f"{name}.bn2")
+            for i, width in enumerate(channels):  # _make_fuse_layers
+                for j, other in enumerate(channels):
+                    name = f"{module}.fuse_layers.{i}.{j}"
+                    if j > i:
+                        conv_shapes(s, f"{name}.0", other, width, 1, norm=f"{name}.1")
+                    for k in range(i - j):
+                        out = width if k == i - j - 1 else other
+                        conv_shapes(s, f"{name}.{k}.0", other, out, 3, norm=f"{name}.{k}.1")
+        previous = list(channels)
+
+
+def _hrnet48_features(sd: State, x: Tensor) -> dict[str, Tensor]:
+    """HighResolutionNet.forward: res2 .. res5 = the four branches of stage 4; fusion upsamples bilinearly with
+    aligned corners to the target branch's size (HighResolutionModule.forward)."""
+    x = conv(x, sd, "backbone.conv1", norm="backbone.bn1", stride=2, padding=1)
+    x = conv(x, sd, "backbone.conv2", norm="backbone.bn2", stride=2, padding=1)
+    for j in range(4):
+        name = f"backbone.layer1.{j}"
+        identity = conv(x, sd, f"{name}.downsample.0", norm=f"{name}.downsample.1", relu=False) if j == 0 else x
+        out = conv(x, sd, f"{name}.conv1", norm=f"{name}.bn1")
+        out = conv(out, sd, f"{name}.conv2", norm=f"{name}.bn2", padding=1)
+        x = F.relu(conv(out, sd, f"{name}.conv3", norm=f"{name}.bn3", relu=False) + identity)
+    branches, previous = [x], [256]
+    for stage, (modules, channels) in enumerate(HRNET48_STAGES, start=2):
+        inputs = []
+        for i, width in enumerate(channels):
+            name = f"backbone.transition{stage - 1}.{i}"
+            if i < len(previous):
+                inputs.append(conv(branches[i], sd, f"{name}.0", norm=f"{name}.1", padding=1)
+                              if previous[i] != width else branches[i])
+            else:
+                inputs.append(conv(branches[-1], sd, f"{name}.0.0", norm=f"{name}.0.1", stride=2, padding=1))
+        branches = inputs
+        for m in range(modules):
+            module = f"backbone.stage{stage}.{m}"
+            for b in range(len(channels)):
+                y = branches[b]
+                for k in range(4):
+                    name = f"{module}.branches.{b}.{k}"
+                    out = conv(y, sd, f"{name}.conv1", norm=f"{name}.bn1", padding=1)
+                    y = F.relu(conv(out, sd, f"{name}.conv2", norm=f"{name}.bn2", relu=False, padding=1) + y)
+                branches[b] = y
+            fused = []
+            for i in range(len(channels)):
+                total = None
+                for j in range(len(channels)):
+                    name = f"{module}.fuse_layers.{i}.{j}"
+                    if j == i:
+                        term = branches[j]
+                    elif j > i:
+                        term = F.interpolate(conv(branches[j], sd, f"{name}.0", norm=f"{name}.1", relu=False),
+                                             size=branches[i].shape[-2:], mode="bilinear", align_corners=True)
+                    else:
+                        term = branches[j]
+                        for k in range(i - j):
+                            term = conv(term, sd, f"{name}.{k}.0", norm=f"{name}.{k}.1", relu=k < i - j - 1,
+                                        stride=2, padding=1)
+                    total = term if total is None else total + term
+                fused.append(F.relu(total))
+            branches = fused
+        previous = list(channels)
+    return {f"res{i + 2}": b for i, b in enumerate(branches)}
+
+
 def _xception65_features(sd: State, x: Tensor) -> dict[str, Tensor]:
     """Xception65.forward: res2 / res3 = sc2 of blocks 2 / 3 (before the third separable conv's leading ReLU),
     res4 = block19's output, res5 = block21's."""
@@ -372,6 +471,8 @@ def bc_forward(sd: State, image: Tensor, backbone: str) -> dict[str, Tensor]:
                     "res2": layers["layer_4"]}
     elif backbone == "xception65":
         features = _xception65_features(sd, x)
+    elif backbone == "hrnet48":
+        features = _hrnet48_features(sd, x)
     else:
         features = _resnet_features(sd, x, backbone)
 

@@ -154,7 +154,27 @@ def test_bc_xception65_outputs_equal_reference(tmp_path) -> None:
         convert_checkpoint("bc", path, tmp_path / "o.pt", progress=False)
 
 
-def test_bc_xception65_exists_for_converted_weights_only() -> None:
+def test_bc_hrnet48_outputs_equal_reference(tmp_path) -> None:
+    """panoptic_deeplab_H48_os4_cityscapes: HRNet-W48's stage-4 branches, fused with bilinear aligned-corner
+    upsampling to each branch's size (odd sizes, as its 1025x2049 crops), ASPP on the stride-32 branch."""
+    state = random_state(bc_shapes("hrnet48", 19), seed=11)
+    path = tmp_path / "final_state.pth"
+    torch.save(state, path)
+    converted = convert_checkpoint("bc", path, tmp_path / "out.pt", progress=False)
+    model_cfg = converted.config.model
+    assert (model_cfg.backbone, model_cfg.output_stride, model_cfg.low_level_strides) == \
+        ("bc_hrnet_w48", 32, (16, 8, 4))
+    image = torch.rand(3, 129, 161, generator=torch.Generator().manual_seed(8))
+    ours = Predictor.from_checkpoint(converted.path, device="cpu").raw_outputs([image])[0]
+    _assert_close(ours, bc_forward(state, image, "hrnet48"))
+    state["backbone.stage4.0.branches.3.0.conv1.weight"] = torch.zeros(256, 256, 3, 3)
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match=r"an HRNet backbone with branch widths \(48, 96, 192, 256\), not "
+                                              r"HRNet-W48"):
+        convert_checkpoint("bc", path, tmp_path / "o.pt", progress=False)
+
+
+def test_bc_encoders_exist_for_converted_weights_only() -> None:
     from panoptic_deeplab.modeling.backbone import Backbone
 
     with pytest.raises(ValueError, match=r"backbone 'bc_xception65' has no ImageNet weights of its own: start from a "
@@ -162,6 +182,8 @@ def test_bc_xception65_exists_for_converted_weights_only() -> None:
         Backbone("bc_xception65", 32, pretrained=True)
     with pytest.raises(ValueError, match=r"Xception-65 is built at output stride 32 \(its config\), not 16"):
         Backbone("bc_xception65", 16)
+    with pytest.raises(ValueError, match=r"HRNet-W48 ends at stride 32 \(its branches never dilate\), not 16"):
+        Backbone("bc_hrnet_w48", 16)
 
 
 def test_bc_legacy_torch_file(tmp_path) -> None:

@@ -11,6 +11,9 @@ The architecture, from its sources (SPEC §1, §8.1, §9.10):
   mapped by :data:`MOBILENET_V2_STAGES`; ``xception.py``: its Xception-65 (taps before the ReLUs timm's
   ``xception65`` taps after, the middle flow's output as ``res4``, BN epsilon 1e-5): ``bc_xception65`` of timm's
   modules, with its config's own normalisation (``DATASET.MEAN = STD = 0.5``) and ``BN_MOMENTUM`` 0.001;
+  ``hrnet.py``: HRNet-Semantic-Segmentation's HRNet-W48, stage 4's branches as ``res2`` .. ``res5`` (its
+  "os4" config: ASPP on the stride-32 branch, taps at 16, 8, 4): ``bc_hrnet_w48``, timm's ``hrnet_w48`` modules
+  and names with its bilinear aligned-corner fusion;
 * decoder ``segmentation/model/decoder/panoptic_deeplab.py`` (``SinglePanopticDeepLabDecoder``): ASPP
   (``aspp.py``: standard 3x3s, image pooling = global pool, 1x1 conv **without bias or norm**, ReLU, dropout 0.5),
   then one stage per ``LOW_LEVEL_KEY`` (``res4, res3, res2`` at os32): 1x1 projection + BN + ReLU,
@@ -67,6 +70,15 @@ def read(path: Path) -> dict[str, Tensor]:
 def backbone_name(state: dict[str, Tensor]) -> str:
     """MobileNetV2 from its ``features``; ResNet depth from the blocks of layer3 (6: 50, 23: 101); ResNeXt from
     the grouped 3x3 conv."""
+    if any(k.startswith("backbone.stage4.") for k in state):
+        widths = tuple(int(state[f"backbone.stage4.0.branches.{b}.0.conv1.weight"].shape[0])
+                       for b in range(4) if f"backbone.stage4.0.branches.{b}.0.conv1.weight" in state)
+        if widths != (48, 96, 192, 384):
+            raise ConversionError(
+                f"{TITLE} checkpoint: an HRNet backbone with branch widths {widths}, not HRNet-W48 "
+                "(48, 96, 192, 384): only hrnet48 of its model zoo is supported"
+            )
+        return "bc_hrnet_w48"
     if any(k.startswith("backbone.block") for k in state):
         blocks = {int(k.split(".")[1].removeprefix("block")) for k in state if k.startswith("backbone.block")}
         last = state.get("backbone.block21.sep_conv3.block.pointwise.weight")
@@ -89,8 +101,8 @@ def backbone_name(state: dict[str, Tensor]) -> str:
     if not blocks or "backbone.conv1.weight" not in state:
         raise ConversionError(
             f"{TITLE} checkpoint: the backbone is not a TorchVision ResNet (no backbone.conv1 / backbone.layer3), "
-            "MobileNetV2 or Xception-65; only the ResNet-50, ResNet-101, ResNeXt-101 32x8d, MobileNetV2 and "
-            "Xception-65 models are supported"
+            "MobileNetV2, Xception-65 or HRNet; only the ResNet-50, ResNet-101, ResNeXt-101 32x8d, MobileNetV2, "
+            "Xception-65 and HRNet-W48 models are supported"
         )
     depth = {6: 50, 23: 101}.get(max(blocks) + 1)
     conv2 = state["backbone.layer1.0.conv2.weight"]
@@ -189,7 +201,7 @@ def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
         _mobilenet_v2_keys(km)
     elif backbone == "bc_xception65":
         _xception65_keys(km)
-    else:  # TorchVision's ResNet names are timm's.
+    else:  # TorchVision's ResNet and HRNet-Semantic-Segmentation's names are timm's.
         for key in model.backbone.body.state_dict():
             km.add(f"backbone.body.{key}", f"backbone.{key}")
 

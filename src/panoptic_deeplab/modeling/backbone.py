@@ -22,6 +22,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
+from .bc_hrnet import bc_hrnet_w48
 from .bc_xception import BCXception65
 from .dl2_mobilenet import DeepLab2MobileNetV3
 from .dl2_resnet import DeepLab2ResNet
@@ -85,7 +86,8 @@ class ReferenceEncoder:
     source: str  # convert --from ...
 
 
-# deeplab2's and bowenc0221's own encoders (not timm's: see dl2_mobilenet.py, dl2_resnet.py, bc_xception.py).
+# deeplab2's and bowenc0221's own encoders (not timm's: see dl2_mobilenet.py, dl2_resnet.py,
+# bc_xception.py, bc_hrnet.py).
 REFERENCE_ENCODERS: dict[str, ReferenceEncoder] = {
     "dl2_mobilenetv3_small": ReferenceEncoder(functools.partial(DeepLab2MobileNetV3, "small"), "deeplab2", "dl2"),
     "dl2_mobilenetv3_large": ReferenceEncoder(functools.partial(DeepLab2MobileNetV3, "large"), "deeplab2", "dl2"),
@@ -93,6 +95,7 @@ REFERENCE_ENCODERS: dict[str, ReferenceEncoder] = {
     "dl2_resnet50_beta": ReferenceEncoder(functools.partial(DeepLab2ResNet, "resnet50_beta"), "deeplab2", "dl2"),
     "dl2_wide_resnet41": ReferenceEncoder(functools.partial(DeepLab2ResNet, "wide_resnet41"), "deeplab2", "dl2"),
     "bc_xception65": ReferenceEncoder(BCXception65, "bowenc0221", "bc"),
+    "bc_hrnet_w48": ReferenceEncoder(bc_hrnet_w48, "bowenc0221", "bc"),
 }
 
 SUPPORTED_OUTPUT_STRIDES = (8, 16, 32)
