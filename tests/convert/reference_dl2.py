@@ -12,7 +12,8 @@ atrous rates, block widths), ``model/layers/axial_blocks.py`` (pre-activated blo
 ``model/layers/stems.py``, ``model/layers/convolutions.py``, ``model/decoder/{aspp,panoptic_deeplab}.py``,
 ``model/deeplab.py`` and ``model/utils.py``.
 
-Encoders: ``small`` / ``large`` (MobileNetV3), ``resnet50``, ``resnet50_beta``, ``wide_resnet41``.
+Encoders: ``small`` / ``large`` (MobileNetV3), ``resnet50``, ``resnet50_beta``, ``wide_resnet41``,
+``swidernet_sac_1_1_1`` (switchable atrous convolution: ``model/layers/convolutions.py``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def _layout(variant: str, output_stride: int) -> list[dict]:
 # backbone_type and num_blocks of axial_resnet_instances' ResNet50, ResNet50Beta and SWideRNet (wide_resnet41),
 # with AxialResNet's [3] blocks of _stage1 for wider_resnet.
 RESNETS = {"resnet50": ("resnet", [3, 4, 6, 3]), "resnet50_beta": ("resnet_beta", [3, 4, 6, 3]),
-           "wide_resnet41": ("wider_resnet", [3, 3, 6, 3, 3])}
+           "wide_resnet41": ("wider_resnet", [3, 3, 6, 3, 3]),
+           # SWideRNet (1, 1, 1) with use_sac_beyond_stride 32 (configs/cityscapes/.../swidernet_sac_1_1_1_os16)
+           "swidernet_sac_1_1_1": ("wider_resnet", [3, 3, 6, 3, 3])}
+SAC_BEYOND_STRIDE = {"swidernet_sac_1_1_1": 32}
 
 
 def _resnet_layout(name: str, output_stride: int) -> tuple[list[dict], dict[str, int]]:
@@ -78,9 +82,10 @@ def _resnet_layout(name: str, output_stride: int) -> tuple[list[dict], dict[str,
         current, stage_out = input_strides[index], input_strides[index] * strides[index]
         f = filters[index]
         widths = [f, f, 4 * f] if kind != "wider_resnet" else ([4 * f, 4 * f] if stage_out < 32 else [f, 2 * f, 4 * f])
+        sac = stage_out >= SAC_BEYOND_STRIDE.get(name, 0) > 0  # BlockGroup: use_sac
         for b in range(num_blocks[index - first]):
             rate = current // output_stride if current > output_stride else 1
-            blocks.append(dict(
+            blocks.append(dict(sac=sac,
                 name=f"encoder/_stage{index + 1}/_block{b + 1}", cin=cin, widths=widths,
                 stride=strides[index] if b == 0 and input_strides[index] < output_stride else 1, rate=rate,
                 second_rate=stage_out // output_stride if b == 0 and stage_out > output_stride else rate,
@@ -92,7 +97,7 @@ def _resnet_layout(name: str, output_stride: int) -> tuple[list[dict], dict[str,
     return blocks, channels
 
 
-def _resnet_tensors(name: str, output_stride: int, conv_bn) -> None:  # noqa: ANN001
+def _resnet_tensors(name: str, output_stride: int, conv_bn, kernel, bias) -> None:  # noqa: ANN001
     kind = RESNETS[name][0]
     if kind == "resnet_beta":
         conv_bn("encoder/_stem/_conv1_bn_act", 3, 3, 64)
@@ -102,13 +107,23 @@ def _resnet_tensors(name: str, output_stride: int, conv_bn) -> None:  # noqa: AN
         conv_bn("encoder/_stem", 7 if kind == "resnet" else 3, 3, 64)
     for b in _resnet_layout(name, output_stride)[0]:
         w = b["widths"]
+        def spatial(layer: str, cin: int, cout: int, stride: int) -> None:
+            conv_bn(layer, 3, cin, cout)
+            if b["sac"]:  # Conv2DSame's GlobalContexts; the switch only where it strides 1 (SAC)
+                for context, channels in (("_pre_global_context", cin), ("_post_global_context", cout)):
+                    kernel(f"{layer}/{context}/convolution/kernel", (1, 1, channels, channels), channels)
+                    bias(f"{layer}/{context}/convolution/bias", channels)
+                if stride == 1:
+                    kernel(f"{layer}/_conv/_switch/kernel", (1, 1, cin, 1), cin)
+                    bias(f"{layer}/_conv/_switch/bias", 1)
+
         if len(w) == 3:
             conv_bn(f"{b['name']}/_conv1_bn_act", 1, b["cin"], w[0])
-            conv_bn(f"{b['name']}/_conv2_bn_act", 3, w[0], w[1])
+            spatial(f"{b['name']}/_conv2_bn_act", w[0], w[1], b["stride"])
             conv_bn(f"{b['name']}/_conv3_bn", 1, w[1], w[2])
         else:
-            conv_bn(f"{b['name']}/_conv1_bn_act", 3, b["cin"], w[0])
-            conv_bn(f"{b['name']}/_conv2_bn", 3, w[0], w[1])
+            spatial(f"{b['name']}/_conv1_bn_act", b["cin"], w[0], b["stride"])
+            spatial(f"{b['name']}/_conv2_bn", w[0], w[1], 1)
         if b["cin"] != w[-1]:
             conv_bn(f"{b['name']}/_shortcut", 1, b["cin"], w[-1])
 
@@ -139,7 +154,10 @@ def dl2_tensors(variant: str, output_stride: int, num_classes: int, widths: dict
 
     last = 0
     if variant in RESNETS:
-        _resnet_tensors(variant, output_stride, conv_bn)
+        def bias(name: str, c: int) -> None:
+            out[name + VALUE] = (rng.standard_normal(c) * 0.1).astype(np.float32)
+
+        _resnet_tensors(variant, output_stride, conv_bn, kernel, bias)
         last = _tap_channels(variant, output_stride)["res5"]
     for i, b in enumerate(_layout(variant, output_stride) if variant in SPECS else []):
         name = f"encoder/_blocks/{i}"
@@ -243,10 +261,39 @@ def _resize(x: Tensor, height: int, width: int) -> Tensor:
     return rows[:, :, x0] * (1 - wx)[None, None, :, None] + rows[:, :, x1] * wx[None, None, :, None]
 
 
-def _resnet_endpoints(x: Tensor, name: str, output_stride: int, conv_bn) -> dict[str, Tensor]:  # noqa: ANN001
+def _average_pool_same(x: Tensor, k: int) -> Tensor:
+    """AveragePooling2D(k, strides=1, padding='same') on NHWC: the mean over the window's pixels inside the image."""
+    pad = k // 2
+    padded = torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad))
+    ones = torch.nn.functional.pad(torch.ones_like(x[..., :1]), (0, 0, pad, pad, pad, pad))
+    total = sum(padded[:, i:i + x.shape[1], j:j + x.shape[2]] for i in range(k) for j in range(k))
+    count = sum(ones[:, i:i + x.shape[1], j:j + x.shape[2]] for i in range(k) for j in range(k))
+    return total / count
+
+
+def _resnet_endpoints(x: Tensor, name: str, output_stride: int, t: dict[str, Tensor], eps: float
+                      ) -> dict[str, Tensor]:
     """AxialResNet.call_encoder_before_stacked_decoder: stem without activation, pre-activated blocks,
     endpoints = ReLU of each stage's output."""
     relu = torch.relu
+
+    def conv_bn(x: Tensor, layer: str, act: str | None, stride: int = 1, rate: int = 1, sac: bool = False) -> Tensor:
+        kernel = t[f"{layer}/_conv/kernel"]
+        if not sac:
+            return _act(_bn(_conv(x, kernel, stride, rate), t, f"{layer}/_batch_norm", eps), act)
+
+        def context(x: Tensor, part: str) -> Tensor:  # GlobalContext
+            pooled = x.mean(dim=(1, 2), keepdim=True)
+            return x + pooled @ t[f"{layer}/{part}/convolution/kernel"][0, 0] + t[f"{layer}/{part}/convolution/bias"]
+
+        x = context(x, "_pre_global_context")
+        y = _conv(x, kernel, stride, rate)
+        if stride == 1:  # SwitchableAtrousConvolution.call
+            switch = _average_pool_same(x, 5) @ t[f"{layer}/_conv/_switch/kernel"][0, 0] + t[f"{layer}/_conv/_switch/bias"]
+            y = switch * _conv(x, kernel, 1, 3 * rate) + (1 - switch) * y
+        y = context(y, "_post_global_context")
+        return _act(_bn(y, t, f"{layer}/_batch_norm", eps), act)
+
     if RESNETS[name][0] == "resnet_beta":
         x = conv_bn(x, "encoder/_stem/_conv1_bn_act", "re", stride=2)
         x = conv_bn(x, "encoder/_stem/_conv2_bn_act", "re")
@@ -255,16 +302,16 @@ def _resnet_endpoints(x: Tensor, name: str, output_stride: int, conv_bn) -> dict
         x = conv_bn(x, "encoder/_stem", None, stride=2)
     endpoints = {}
     for b in _resnet_layout(name, output_stride)[0]:
-        inputs, s = relu(x), b["stride"]
+        inputs, s, sac = relu(x), b["stride"], b["sac"]
         shortcut = conv_bn(inputs, f"{b['name']}/_shortcut", None, stride=s) if b["cin"] != b["widths"][-1] \
             else inputs[:, ::s, ::s]
         if len(b["widths"]) == 3:
             y = conv_bn(inputs, f"{b['name']}/_conv1_bn_act", "re")
-            y = conv_bn(y, f"{b['name']}/_conv2_bn_act", "re", stride=s, rate=b["rate"])
+            y = conv_bn(y, f"{b['name']}/_conv2_bn_act", "re", stride=s, rate=b["rate"], sac=sac)
             y = conv_bn(y, f"{b['name']}/_conv3_bn", None)
         else:
-            y = conv_bn(inputs, f"{b['name']}/_conv1_bn_act", "re", stride=s, rate=b["rate"])
-            y = conv_bn(y, f"{b['name']}/_conv2_bn", None, rate=b["second_rate"])
+            y = conv_bn(inputs, f"{b['name']}/_conv1_bn_act", "re", stride=s, rate=b["rate"], sac=sac)
+            y = conv_bn(y, f"{b['name']}/_conv2_bn", None, rate=b["second_rate"], sac=sac)
         x = y + shortcut
         if b["endpoint"]:
             endpoints[b["endpoint"]] = relu(x)
@@ -275,11 +322,7 @@ def reference_endpoints(tensors: dict[str, np.ndarray], image255: np.ndarray, va
                         eps: float) -> dict[str, Tensor]:
     """A residual encoder's endpoints res2 .. res5 (NHWC, float64) on one HxWx3 image in 0..255."""
     t = {k.removesuffix(VALUE): torch.from_numpy(v).double() for k, v in tensors.items()}
-
-    def conv_bn(x: Tensor, name: str, act: str | None, stride: int = 1, rate: int = 1) -> Tensor:
-        return _act(_bn(_conv(x, t[f"{name}/_conv/kernel"], stride, rate), t, f"{name}/_batch_norm", eps), act)
-
-    return _resnet_endpoints(torch.from_numpy(image255).double()[None] / 127.5 - 1.0, variant, output_stride, conv_bn)
+    return _resnet_endpoints(torch.from_numpy(image255).double()[None] / 127.5 - 1.0, variant, output_stride, t, eps)
 
 
 def dl2_forward(tensors: dict[str, np.ndarray], image255: np.ndarray, variant: str, output_stride: int,
@@ -300,7 +343,7 @@ def dl2_forward(tensors: dict[str, np.ndarray], image255: np.ndarray, variant: s
 
     endpoints, level = {}, 0
     if variant in RESNETS:
-        endpoints = _resnet_endpoints(x, variant, output_stride, conv_bn)
+        endpoints = _resnet_endpoints(x, variant, output_stride, t, eps)
     for i, b in enumerate(_layout(variant, output_stride) if variant in SPECS else []):
         name = f"encoder/_blocks/{i}"
         if b["kind"] == "c":

@@ -57,6 +57,7 @@ def _archive(folder: Path, name: str, tensors: dict[str, np.ndarray]) -> Path:
         ("resnet50", 32, NARROW_WIDTHS, "resnet50_os32_panoptic_deeplab_cityscapes_trainfine"),
         ("resnet50_beta", 16, NARROW_WIDTHS, "my_r50beta_os16"),
         ("wide_resnet41", 16, NARROW_WIDTHS, "wide_resnet41_os16_panoptic_deeplab_cityscapes_trainfine"),
+        ("swidernet_sac_1_1_1", 16, NARROW_WIDTHS, "swidernet_sac_1_1_1_os16_panoptic_deeplab_cityscapes_trainfine"),
     ],
 )
 def test_dl2_outputs_equal_reference(tmp_path, variant, output_stride, widths, name) -> None:
@@ -119,7 +120,7 @@ def _prefix_of(tmp_path: Path, tensors: dict[str, np.ndarray]) -> Path:
     ("drop_semantic", r"is not a deeplab2 Panoptic-DeepLab checkpoint \(no semantic_last_layer\)"),
     ("drop_instance", r"is a deeplab2 checkpoint without instance heads \(a semantic-only DeepLab\)"),
     ("drop_block", r"unsupported encoder \(12 MobileNet blocks\); supported: MobileNetV3-Small, MobileNetV3-Large, "
-                   r"ResNet-50, ResNet-50-Beta, Wide-ResNet-41"),
+                   r"ResNet-50, ResNet-50-Beta, Wide-ResNet-41, SWideRNet-SAC-\(1, 1, 1\)"),
     ("head_widths", r"center head 8 and offset head 12 channels differ"),
 ])
 def test_dl2_checkpoints_that_do_not_fit(tmp_path, damage, match) -> None:
@@ -148,8 +149,8 @@ def resnet50_tensors() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("damage, match", [
     # use_squeeze_and_excite: true adds a SimplifiedSqueezeAndExcite to every block
-    ("squeeze_excite", r"its residual encoder has layers \['_squeeze_and_excite'\] \(squeeze-and-excite, switchable "
-                       r"atrous convolution or axial attention\), which are not rebuilt"),
+    ("squeeze_excite", r"its residual encoder has layers \['_squeeze_and_excite'\] \(squeeze-and-excite or axial "
+                       r"attention\), which are not rebuilt"),
     # backbone_layer_multiplier != 1 changes the number of blocks
     ("fewer_blocks", r"a ResNet-50-like encoder with \(3, 4, 5, 3\) blocks per stage, not \(3, 4, 6, 3\)"),
     ("other_config", r"other.textproto is a config of backbone 'mobilenet_v3_small', but the checkpoint holds a "
@@ -179,7 +180,7 @@ def test_dl2_residual_checkpoints_that_do_not_fit(tmp_path, resnet50_tensors, da
     assert not out.exists()
 
 
-@pytest.mark.parametrize("variant", ["resnet50", "resnet50_beta", "wide_resnet41"])
+@pytest.mark.parametrize("variant", ["resnet50", "resnet50_beta", "wide_resnet41", "swidernet_sac_1_1_1"])
 def test_dl2_residual_encoders_at_output_stride_8(variant) -> None:
     """No published config uses os8, but its atrous rule is deeplab2's (a basic block's second conv already at the
     stage's final rate): the encoder's endpoints against the reference's."""
@@ -336,3 +337,24 @@ def test_dl2_published_coco_names_tell_its_config(tmp_path) -> None:
         convert_checkpoint("dl2", renamed, tmp_path / "o.pt", progress=False)
     assert convert_checkpoint("dl2", renamed, tmp_path / "o.pt", output_stride=32, progress=False) \
         .config.model.inference_size == (641, 641)
+
+
+@pytest.mark.parametrize("layers, blocks", [("1", (3, 3, 6, 3, 3)), ("3", (3, 9, 18, 9, 9)), ("4.5", (3, 13, 27, 13, 13))])
+def test_dl2_swidernet_variants_told_by_their_blocks(layers, blocks) -> None:
+    """SWideRNet-SAC-(1, 1, l): int(n * l) blocks per stage after _stage1 (utils.scale_int_list), SAC in _stage5."""
+    import torch as t
+
+    from panoptic_deeplab.convert.deeplab2 import ConversionError, _encoder
+    from panoptic_deeplab.modeling.dl2_resnet import DL2_RESNET_SPECS
+
+    assert DL2_RESNET_SPECS[f"swidernet_sac_1_1_{layers}"].num_blocks == blocks
+    state = {"encoder/_stem/_conv/kernel": t.zeros(3, 3, 3, 64)}
+    for stage, count in enumerate(blocks, start=1):
+        for block in range(1, count + 1):
+            state[f"encoder/_stage{stage}/_block{block}/_conv1_bn_act/_conv/kernel"] = t.zeros(1)
+    state["encoder/_stage5/_block2/_conv2_bn_act/_conv/_switch/kernel"] = t.zeros(1)
+    assert _encoder(state) == f"dl2_swidernet_sac_1_1_{layers}"
+    state["encoder/_stage4/_block1/_conv1_bn_act/_pre_global_context/convolution/kernel"] = t.zeros(1)
+    with pytest.raises(ConversionError, match=r"switchable atrous convolution in \['_stage4', '_stage5'\]; the "
+                                              r"SWideRNet-SAC configs \(use_sac_beyond_stride 32\) have it in _stage5"):
+        _encoder(state)

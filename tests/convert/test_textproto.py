@@ -62,9 +62,10 @@ def test_syntax_errors_name_the_file(tmp_path, text, match) -> None:
 
 def test_unsupported_backbone_and_missing_file(tmp_path) -> None:
     path = tmp_path / "sac.textproto"
-    path.write_text('model_options { backbone { name: "swidernet" } decoder { atrous_rates: 3 } }')
-    with pytest.raises(ValueError, match=r"backbone 'swidernet' is not supported \(MobileNetV3-Small, "
-                                         r"MobileNetV3-Large, ResNet-50, ResNet-50-Beta, Wide-ResNet-41 are\)"):
+    path.write_text('model_options { backbone { name: "axial_deeplab_l" } decoder { atrous_rates: 3 } }')
+    with pytest.raises(ValueError, match=r"backbone 'axial_deeplab_l' is not supported \(MobileNetV3-Small, "
+                                         r"MobileNetV3-Large, ResNet-50, ResNet-50-Beta, Wide-ResNet-41, "
+                                         r"SWideRNet-SAC-\(1, 1, 1\)"):
         facts_from_textproto(path)
     path.write_text('model_options { backbone { name: "resnet50" } decoder { atrous_rates: 3 } }')
     with pytest.raises(ValueError, match=r"sac.textproto: model_options.decoder needs three atrous_rates, found \[3\]"):

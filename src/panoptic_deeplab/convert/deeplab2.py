@@ -2,7 +2,7 @@
 
 Supported encoders: MobileNetV3-Small and -Large (``model/encoder/mobilenet.py``, rebuilt exactly by
 :class:`~panoptic_deeplab.modeling.dl2_mobilenet.DeepLab2MobileNetV3`), ResNet-50, ResNet-50-Beta and
-Wide-ResNet-41 (``model/encoder/axial_resnet_instances.py``, rebuilt by
+Wide-ResNet-41, SWideRNet-SAC-(1, 1, 1 / 3 / 4.5) (``model/encoder/axial_resnet_instances.py``, rebuilt by
 :class:`~panoptic_deeplab.modeling.dl2_resnet.DeepLab2ResNet`). The rest of the network, from deeplab2's
 sources (SPEC §1, §8.3):
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from panoptic_deeplab.config import ModelConfig, PostProcessConfig
 from panoptic_deeplab.modeling.dl2_mobilenet import ConvBNAct
-from panoptic_deeplab.modeling.dl2_resnet import DL2_RESNET_SPECS, DeepLab2ResNet
+from panoptic_deeplab.modeling.dl2_resnet import DL2_RESNET_SPECS, DeepLab2ResNet, SwitchableConvBNAct
 
 from .common import (
     ConversionError,
@@ -70,11 +70,15 @@ ENCODERS = {
     "dl2_resnet50": ("resnet50", "ResNet-50"),
     "dl2_resnet50_beta": ("resnet50_beta", "ResNet-50-Beta"),
     "dl2_wide_resnet41": ("wide_resnet41", "Wide-ResNet-41"),
+    "dl2_swidernet_sac_1_1_1": ("swidernet", "SWideRNet-SAC-(1, 1, 1)"),
+    "dl2_swidernet_sac_1_1_3": ("swidernet", "SWideRNet-SAC-(1, 1, 3)"),
+    "dl2_swidernet_sac_1_1_4.5": ("swidernet", "SWideRNet-SAC-(1, 1, 4.5)"),
 }
-# Sub-layers of AxialResNet's blocks that DeepLab2ResNet builds; any other (squeeze-and-excite, switchable atrous
-# convolution, axial attention) means a config this converter does not rebuild.
+# Sub-layers of AxialResNet's blocks that DeepLab2ResNet builds; any other (squeeze-and-excite, axial attention)
+# means a config this converter does not rebuild. SAC_PARTS: switchable atrous convolution with global context.
+SAC_PARTS = {"_pre_global_context", "_post_global_context", "convolution", "_switch"}
 RESNET_PARTS = {"_stem", "_conv1_bn_act", "_conv2_bn_act", "_conv3_bn", "_conv2_bn", "_shortcut", "_conv",
-                "_batch_norm"}
+                "_batch_norm", *SAC_PARTS}
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,8 @@ PUBLISHED = {
         replace(RESNET_FACTS[32], backbone="resnet50_beta"),
     "wide_resnet41_os16_panoptic_deeplab_cityscapes_trainfine.tar.gz":
         replace(RESNET_FACTS[16], backbone="wide_resnet41"),
+    **{f"swidernet_sac_1_1_{layers}_os16_panoptic_deeplab_cityscapes_trainfine.tar.gz":
+       replace(RESNET_FACTS[16], backbone="swidernet") for layers in ("1", "3", "4.5")},
     "resnet50_os32_panoptic_deeplab_coco_train_2.tar.gz": replace(COCO_FACTS[32], backbone="resnet50"),
     "resnet50beta_os32_panoptic_deeplab_coco_train.tar.gz": replace(COCO_FACTS[32], backbone="resnet50_beta"),
     "resnet50_os16_panoptic_deeplab_coco_train.tar.gz": replace(COCO_FACTS[16], backbone="resnet50"),
@@ -186,8 +192,17 @@ def _encoder(state: dict[str, Tensor]) -> str:
     parts = sorted({k.split("/")[1] for k in state if k.startswith("encoder/")})
     if "_stem" not in parts:
         raise ConversionError(f"{TITLE} checkpoint: unsupported encoder (parts {parts[:4]}); supported: {_supported()}")
+    blocks = tuple(len({k.split("/")[2] for k in state if k.startswith(f"encoder/{stage}/")})
+                   for stage in parts if stage.startswith("_stage"))
+    sac_stages = sorted({k.split("/")[1] for k in state if k.startswith("encoder/") and SAC_PARTS & set(k.split("/"))})
     if "encoder/_stem/_conv1_bn_act/_conv/kernel" in state:
         name = "dl2_resnet50_beta"
+    elif "_stage1" in parts and sac_stages:
+        if sac_stages != ["_stage5"]:
+            raise ConversionError(f"{TITLE} checkpoint: switchable atrous convolution in {sac_stages}; the "
+                                  "SWideRNet-SAC configs (use_sac_beyond_stride 32) have it in _stage5 only")
+        by_blocks = {DL2_RESNET_SPECS[n.removeprefix("dl2_")].num_blocks: n for n in ENCODERS if "swidernet" in n}
+        name = by_blocks.get(blocks, "dl2_swidernet_sac_1_1_1")
     elif "_stage1" in parts:
         name = "dl2_wide_resnet41"
     else:
@@ -195,16 +210,14 @@ def _encoder(state: dict[str, Tensor]) -> str:
     unknown = sorted({layer for k in state if k.startswith("encoder/") and (layer := _unbuilt_layer(k))})
     if unknown:
         raise ConversionError(
-            f"{TITLE} checkpoint: its residual encoder has layers {unknown} (squeeze-and-excite, switchable atrous "
-            f"convolution or axial attention), which are not rebuilt; supported: {_supported()}"
+            f"{TITLE} checkpoint: its residual encoder has layers {unknown} (squeeze-and-excite or axial "
+            f"attention), which are not rebuilt; supported: {_supported()}"
         )
-    blocks = tuple(len({k.split("/")[2] for k in state if k.startswith(f"encoder/{stage}/")})
-                   for stage in parts if stage.startswith("_stage"))
     expected = DL2_RESNET_SPECS[name.removeprefix("dl2_")].num_blocks
     if blocks != expected:
         raise ConversionError(
             f"{TITLE} checkpoint: a {ENCODERS[name][1]}-like encoder with {blocks} blocks per stage, not {expected} "
-            f"(a backbone_layer_multiplier other than 1 is not supported); supported: {_supported()}"
+            f"(layer multipliers of no published config are not supported); supported: {_supported()}"
         )
     return name
 
@@ -416,8 +429,15 @@ def key_map(model: nn.Module, state: dict[str, Tensor]) -> KeyMap:
     encoder = model.backbone.body
     if isinstance(encoder, DeepLab2ResNet):
         for ours, module in encoder.named_modules():
-            if isinstance(module, ConvBNAct):
-                conv_bn(f"backbone.body.{ours}", _resnet_layer(ours, encoder.first_stage))
+            if isinstance(module, (ConvBNAct, SwitchableConvBNAct)):
+                theirs = _resnet_layer(ours, encoder.first_stage)
+                conv_bn(f"backbone.body.{ours}", theirs)
+            if isinstance(module, SwitchableConvBNAct):
+                for part, layer in (("pre_context", "_pre_global_context/convolution"),
+                                    ("post_context", "_post_global_context/convolution"), ("switch", "_conv/_switch")):
+                    if getattr(module, part) is not None:
+                        km.add(f"backbone.body.{ours}.{part}.weight", f"{theirs}/{layer}/kernel", _conv_kernel)
+                        km.add(f"backbone.body.{ours}.{part}.bias", f"{theirs}/{layer}/bias")
     for i, block in enumerate(getattr(encoder, "blocks", ())):
         ours, theirs = f"backbone.body.blocks.{i}", f"encoder/_blocks/{i}"
         if not hasattr(block, "depthwise"):  # a conv_bn block

@@ -94,6 +94,8 @@ REFERENCE_ENCODERS: dict[str, ReferenceEncoder] = {
     "dl2_resnet50": ReferenceEncoder(functools.partial(DeepLab2ResNet, "resnet50"), "deeplab2", "dl2"),
     "dl2_resnet50_beta": ReferenceEncoder(functools.partial(DeepLab2ResNet, "resnet50_beta"), "deeplab2", "dl2"),
     "dl2_wide_resnet41": ReferenceEncoder(functools.partial(DeepLab2ResNet, "wide_resnet41"), "deeplab2", "dl2"),
+    **{f"dl2_{name}": ReferenceEncoder(functools.partial(DeepLab2ResNet, name), "deeplab2", "dl2")
+       for name in ("swidernet_sac_1_1_1", "swidernet_sac_1_1_3", "swidernet_sac_1_1_4.5")},
     "bc_xception65": ReferenceEncoder(BCXception65, "bowenc0221", "bc"),
     "bc_hrnet_w48": ReferenceEncoder(bc_hrnet_w48, "bowenc0221", "bc"),
 }

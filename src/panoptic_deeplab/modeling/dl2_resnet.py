@@ -1,7 +1,8 @@
-"""ResNet-50, ResNet-50-Beta and Wide-ResNet-41 exactly as deeplab2 builds them, for its checkpoints.
+"""ResNet-50, ResNet-50-Beta, Wide-ResNet-41 and SWideRNet-SAC exactly as deeplab2 builds them, for its checkpoints.
 
 deeplab2's residual encoders (``model/encoder/axial_resnet.py`` ``AxialResNet`` with the configs of
-``model/encoder/axial_resnet_instances.py``: ``ResNet50``, ``ResNet50Beta``, ``SWideRNet`` as ``wide_resnet41``)
+``model/encoder/axial_resnet_instances.py``: ``ResNet50``, ``ResNet50Beta``, ``SWideRNet`` as ``wide_resnet41`` and
+as ``swidernet`` with ``use_sac_beyond_stride: 32``)
 differ from timm's and torchvision's ResNets in ways that change the outputs of a converted model (SPEC §1.2, §8.3):
 
 * no max-pool: the stem convolves with stride 2 and the first block of the next stage strides instead
@@ -22,9 +23,14 @@ differ from timm's and torchvision's ResNets in ways that change the outputs of 
   3x3 convs, ``filters * 4`` wide) below input stride 32 and ``[filters, 2 * filters, 4 * filters]`` bottlenecks
   beyond (``filters_list`` in ``BlockGroup``).
 
+* SWideRNet-SAC-(1, 1, l) (``configs/cityscapes/panoptic_deeplab/swidernet_sac_1_1_*_os16.textproto``): the wide
+  layout with ``backbone_layer_multiplier`` l (``utils.scale_int_list``: ``int(n * l)`` blocks per stage after
+  ``_stage1``) and switchable atrous convolution in the stage at input stride 16 (``use_sac = input stride x
+  stride >= 32``), see :class:`SwitchableConvBNAct`.
+
 Padding: ``Conv2DSame`` pads symmetrically by ``rate * (k - 1) / 2`` for odd kernels, as PyTorch does.
-Squeeze-and-excite, switchable atrous convolution and axial attention (other deeplab2 configs) are not built:
-the published ResNet-50, ResNet-50-Beta and Wide-ResNet-41 models use none of them.
+Squeeze-and-excite and axial attention (other deeplab2 configs) are not built: no published Panoptic-DeepLab
+model uses them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from timm.models import FeatureInfo
 from torch import nn
 
@@ -45,6 +52,12 @@ class ResNetSpec(NamedTuple):
 
     backbone_type: str  # "resnet", "resnet_beta" or "wider_resnet"
     num_blocks: tuple[int, ...]  # per stage, _stage1 (wider_resnet only) .. _stage5
+    sac_beyond_stride: int = 0  # use_sac_beyond_stride (0: none)
+
+
+def _swidernet(layer_multiplier: float) -> ResNetSpec:
+    """SWideRNet-SAC-(1, 1, l): AxialResNet's [3] for _stage1, then utils.scale_int_list([3, 6, 3, 3], l)."""
+    return ResNetSpec("wider_resnet", (3, *(int(n * layer_multiplier) for n in (3, 6, 3, 3))), sac_beyond_stride=32)
 
 
 DL2_RESNET_SPECS: dict[str, ResNetSpec] = {
@@ -52,16 +65,58 @@ DL2_RESNET_SPECS: dict[str, ResNetSpec] = {
     "resnet50_beta": ResNetSpec("resnet_beta", (3, 4, 6, 3)),
     # SWideRNet's num_blocks [3, 6, 3, 3] after AxialResNet's [3] for _stage1.
     "wide_resnet41": ResNetSpec("wider_resnet", (3, 3, 6, 3, 3)),
+    "swidernet_sac_1_1_1": _swidernet(1),
+    "swidernet_sac_1_1_3": _swidernet(3),
+    "swidernet_sac_1_1_4.5": _swidernet(4.5),
 }
+
+
+class SwitchableConvBNAct(nn.Module):
+    """``Conv2DSame`` with ``use_switchable_atrous_conv`` and ``use_global_context_in_sac`` (model/layers/
+    convolutions.py), then BN and the activation:
+
+    * ``GlobalContext``: ``x + conv1x1(mean(x))`` (with bias) before and after the convolution;
+    * ``SwitchableAtrousConvolution`` (only where the conv strides 1; a strided one stays plain):
+      ``s * conv(x, rate 3 * r) + (1 - s) * conv(x, rate r)`` with the same kernel, the switch ``s`` a 1x1 conv
+      (with bias, no activation) of a 5x5 average pool ('same' padding, padded pixels not counted).
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, *,
+                 activation: str | None, bn_eps: float) -> None:
+        super().__init__()
+        self.pre_context = nn.Conv2d(cin, cin, 1)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, dilation * (kernel // 2), dilation, bias=False)
+        self.switch = nn.Conv2d(cin, 1, 1) if stride == 1 else None
+        self.post_context = nn.Conv2d(cout, cout, 1)
+        self.bn = nn.BatchNorm2d(cout, eps=bn_eps)
+        self.act = nn.ReLU(inplace=True) if activation == "relu" else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pre_context(x.mean(dim=(2, 3), keepdim=True))
+        y = self.conv(x)
+        if self.switch is not None:
+            switch = self.switch(F.avg_pool2d(x, 5, 1, 2, count_include_pad=False))
+            rate = 3 * self.conv.dilation[0]
+            large = F.conv2d(x, self.conv.weight, None, 1, rate * (self.conv.kernel_size[0] // 2), rate)
+            y = switch * large + (1 - switch) * y
+        y = y + self.post_context(y.mean(dim=(2, 3), keepdim=True))
+        return self.act(self.bn(y))
+
+
+def _conv_bn(sac: bool, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, *,
+             activation: str | None, bn_eps: float) -> nn.Module:
+    kind = SwitchableConvBNAct if sac else ConvBNAct
+    return kind(cin, cout, kernel, stride, dilation, activation=activation, bn_eps=bn_eps)
 
 
 class BottleneckBlock(nn.Module):
     """``AxialBlock`` with three filters and no attention: 1x1, 3x3 (stride, rate), 1x1; pre-activated input."""
 
-    def __init__(self, cin: int, widths: tuple[int, int, int], stride: int, rate: int, bn_eps: float) -> None:
+    def __init__(self, cin: int, widths: tuple[int, int, int], stride: int, rate: int, bn_eps: float,
+                 sac: bool = False) -> None:
         super().__init__()
         self.conv1_bn_act = ConvBNAct(cin, widths[0], 1, activation="relu", bn_eps=bn_eps)
-        self.conv2_bn_act = ConvBNAct(widths[0], widths[1], 3, stride, rate, activation="relu", bn_eps=bn_eps)
+        self.conv2_bn_act = _conv_bn(sac, widths[0], widths[1], 3, stride, rate, activation="relu", bn_eps=bn_eps)
         self.conv3_bn = ConvBNAct(widths[1], widths[2], 1, activation=None, bn_eps=bn_eps)
         self.shortcut = ConvBNAct(cin, widths[2], 1, stride, activation=None, bn_eps=bn_eps) \
             if cin != widths[2] else None
@@ -76,10 +131,10 @@ class BasicBlock(nn.Module):
     """``AxialBlock`` with two filters: 3x3 (stride, rate), 3x3 (``second_rate``); pre-activated input."""
 
     def __init__(self, cin: int, widths: tuple[int, int], stride: int, rate: int, second_rate: int,
-                 bn_eps: float) -> None:
+                 bn_eps: float, sac: bool = False) -> None:
         super().__init__()
-        self.conv1_bn_act = ConvBNAct(cin, widths[0], 3, stride, rate, activation="relu", bn_eps=bn_eps)
-        self.conv2_bn = ConvBNAct(widths[0], widths[1], 3, 1, second_rate, activation=None, bn_eps=bn_eps)
+        self.conv1_bn_act = _conv_bn(sac, cin, widths[0], 3, stride, rate, activation="relu", bn_eps=bn_eps)
+        self.conv2_bn = _conv_bn(sac, widths[0], widths[1], 3, 1, second_rate, activation=None, bn_eps=bn_eps)
         self.shortcut = ConvBNAct(cin, widths[1], 1, stride, activation=None, bn_eps=bn_eps) \
             if cin != widths[1] else None
         self.stride = stride
@@ -139,6 +194,7 @@ class DeepLab2ResNet(nn.Module):
             filters = 32 << index  # filters_list: 32 * the stage's original input stride (before wider's change)
             stage_stride, input_stride = strides[index], input_strides[index]
             bottleneck = not wider or input_stride * stage_stride >= 32
+            sac = input_stride * stage_stride >= spec.sac_beyond_stride > 0  # BlockGroup's use_sac
             widths = (filters, filters, 4 * filters) if not wider else \
                 ((filters, 2 * filters, 4 * filters) if bottleneck else (4 * filters, 4 * filters))
             blocks, running = [], input_stride
@@ -146,11 +202,11 @@ class DeepLab2ResNet(nn.Module):
                 stride = stage_stride if b == 0 and input_stride < output_stride else 1
                 rate = running // output_stride if running > output_stride else 1
                 if bottleneck:
-                    blocks.append(BottleneckBlock(cin, widths, stride, rate, bn_eps))  # type: ignore[arg-type]
+                    blocks.append(BottleneckBlock(cin, widths, stride, rate, bn_eps, sac))  # type: ignore[arg-type]
                 else:
                     final = input_stride * stage_stride
                     second = final // output_stride if b == 0 and final > output_stride else rate
-                    blocks.append(BasicBlock(cin, widths, stride, rate, second, bn_eps))  # type: ignore[arg-type]
+                    blocks.append(BasicBlock(cin, widths, stride, rate, second, bn_eps, sac))  # type: ignore[arg-type]
                 if b == 0 and stage_stride > 1:
                     running *= stage_stride
                 cin = widths[-1]
