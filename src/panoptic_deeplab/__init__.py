@@ -7,7 +7,7 @@ from typing import Any
 # --help) does not pay for torch.
 _LAZY_EXPORTS = {
     "Predictor": "panoptic_deeplab.inference.predictor",
-    "PanopticResult": "panoptic_deeplab.inference.predictor",
+    "PanopticResult": "panoptic_deeplab.inference.results",
     "PanopticDeepLab": "panoptic_deeplab.modeling.panoptic_deeplab",
     "build_model": "panoptic_deeplab.modeling.panoptic_deeplab",
 }

@@ -127,7 +127,7 @@ def test_predict_and_evaluate_on_the_converted_checkpoint(converted, reference, 
     """The CLI on the converted file; evaluated against deeplab2's own prediction as ground truth, PQ is ~100
     with deeplab2's number of centers."""
     from panoptic_deeplab.data.coco_panoptic import label_map_to_ids
-    from panoptic_deeplab.inference.predictor import PanopticResult
+    from panoptic_deeplab.inference.results import PanopticResult
 
     images = tmp_path / "images"
     images.mkdir()

@@ -19,12 +19,8 @@ from panoptic_deeplab.data.coco_panoptic import (
     read_panoptic_png,
 )
 from panoptic_deeplab.data.transforms import IMAGENET_MEAN, pad_to_size
-from panoptic_deeplab.inference.predictor import (
-    PanopticPredictionWriter,
-    Predictor,
-    image_to_tensor,
-    list_images,
-)
+from panoptic_deeplab.inference.predictor import Predictor, image_to_tensor, list_images
+from panoptic_deeplab.inference.results import PanopticPredictionWriter
 
 META = DatasetMeta(
     [

@@ -36,7 +36,8 @@ from panoptic_deeplab.evaluation.report import (
     write_json_atomic,
 )
 from panoptic_deeplab.evaluation.semantic import SemanticEvaluator
-from panoptic_deeplab.inference.predictor import PanopticPredictionWriter, PanopticResult, Predictor
+from panoptic_deeplab.inference.predictor import Predictor
+from panoptic_deeplab.inference.results import PanopticPredictionWriter, PanopticResult
 
 PREDICTIONS_JSON = "predictions.json"  # inside predictions_dir, beside the PNG folder (as `predict` writes)
 PREDICTIONS_PNG_DIR = "panoptic"
