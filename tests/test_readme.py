@@ -141,7 +141,7 @@ def test_python_api_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(config_module, "load_config", lambda preset, overrides=(): real_load_config(
         preset, [*overrides, *tiny]))
 
-    first, second = (b for b in _blocks("python") if "import" in b)
+    first, second = re.findall(r"```python\n(.*?)```", _section("Python API"), flags=re.S)
     checkpoint = re.search(r'"(demo_output/run/model_\d+\.pt)"', first).group(1)
     # the checkpoint the demo leaves, made by a tiny run under the README's name
     from panoptic_deeplab.engine import train

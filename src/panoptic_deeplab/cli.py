@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from panoptic_deeplab.filekind import check_output_dir
+
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
@@ -55,6 +57,7 @@ def _add_make_synthetic(sub: argparse._SubParsersAction) -> None:
 def _run_make_synthetic(args: argparse.Namespace) -> int:
     from panoptic_deeplab.data.synthetic import make_synthetic_dataset
 
+    check_output_dir(args.out, "--out")
     paths = make_synthetic_dataset(args.out, args.split, args.num, args.size, args.seed,
                                    progress=not args.no_progress)
     print(f"wrote {args.num} images: --json {paths.json_path} --png-dir {paths.png_dir} "
@@ -114,6 +117,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.output_dir is not None:
         cfg.train.output_dir = args.output_dir
+    check_output_dir(cfg.train.output_dir, "--output-dir" if args.output_dir is not None else "train.output_dir")
     try:
         result = train(cfg, resume=args.resume)
     except TrainingDivergedError as exc:
@@ -177,7 +181,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "unless --no-pictures, OUT/pictures/<stem>_overlay.png, <stem>_center.png and <stem>_offset.png. "
         "Unreadable images are skipped with a warning and exit status 1; the others are still written.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint file written by train")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint file written by train or convert")
+    model.add_argument("--onnx", help="an ONNX file written by export, run by ONNX Runtime on the CPU (extra "
+                       "'export'); the same outputs as its checkpoint")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--output", required=True, help="output directory OUT")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:K")
@@ -201,16 +208,24 @@ def _run_predict(args: argparse.Namespace) -> int:
     from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
     from panoptic_deeplab.inference.visualize import save_pictures
 
+    check_output_dir(args.output, "--output")
     paths = list_images(args.input)
     meta = load_panoptic_json(args.categories).meta if args.categories else None
-    try:
-        predictor = Predictor.from_checkpoint(
-            args.checkpoint, device=args.device, meta=meta, tta_flip=args.tta_flip,
-            tta_scales=args.tta_scales, batch_size=args.batch_size,
-        )
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    options = dict(tta_flip=args.tta_flip, tta_scales=args.tta_scales, batch_size=args.batch_size)
+    if args.onnx:
+        from panoptic_deeplab.export import onnx_predictor
+
+        if args.categories or args.device not in ("auto", "cpu"):
+            print("error: --onnx takes neither --categories (the file holds its categories) nor --device "
+                  f"{args.device} (ONNX Runtime runs on the CPU here)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        predictor = onnx_predictor(args.onnx, **options)
+    else:
+        try:
+            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, meta=meta, **options)
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     out = Path(args.output)
     pictures = out / "pictures"
     if not args.no_pictures:
@@ -332,6 +347,8 @@ def _run_evaluate_model(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.predictions_dir is not None:
+        check_output_dir(args.predictions_dir, "--predictions-dir")
     cfg = evaluation_config(checkpoint, args.checkpoint, args.config, args.overrides)
     # The split's JSON gives the categories; a checkpoint's own list (when saved) must agree with it.
     dataset = PanopticDataset(getattr(cfg.data, args.split), transform=None, name=args.split)
@@ -400,6 +417,42 @@ def _run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint's network as an ONNX file for ONNX Runtime and other runtimes",
+        description="Exports the network (image in [0, 1] -> semantic logits, center heatmap, offsets, the model's "
+        "normalisation inside) with its config and categories in the file's metadata, checks it against PyTorch "
+        "with ONNX Runtime and prints the largest difference; predict --onnx then gives the checkpoint's results. "
+        "The post-processing is not inside the graph yet: --no-postprocess says so explicitly. Needs the 'export' "
+        "extra (pip install 'panoptic-deeplab[export]'). Exit status: 0 written, 2 unusable input.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by train or convert")
+    p.add_argument("--output", required=True, help="the ONNX file to write, e.g. model.onnx")
+    p.add_argument("--size", type=_parse_size, default=None, metavar="HxW",
+                   help="fix the input size (e.g. 1025x2049) for runtimes that need static shapes; smaller images "
+                   "are padded to it (default: any size)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="export the network only (required for now: predict --onnx runs the post-processing)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from panoptic_deeplab.export import export_onnx
+
+    if not args.no_postprocess:
+        print("error: the post-processing cannot be exported into the graph yet; pass --no-postprocess to export "
+              "the network (predict --onnx runs the post-processing around it)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    result = export_onnx(args.checkpoint, args.output, size=args.size, opset=args.opset)
+    size = f"{result.input_size[0]}x{result.input_size[1]}" if result.input_size else "any size"
+    errors = ", ".join(f"{k} {v:.1e}" for k, v in result.max_error.items())
+    print(f"exported to {result.path} (opset {result.opset}, input {size}); ONNX Runtime vs PyTorch, max "
+          f"difference / std: {errors}")
+    print(f"next: panoptic-deeplab predict --onnx {result.path} --input IMAGES --output OUT")
+    return EXIT_OK
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -428,6 +481,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from panoptic_deeplab.engine.trainer import TrainingDivergedError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_output_dir(args.output_dir, "--output-dir")
     options = DemoOptions(
         output_dir=args.output_dir, preset=args.preset, train_images=args.train_images,
         val_images=args.val_images, image_size=args.size, iterations=args.iterations,
@@ -449,6 +503,7 @@ COMMANDS.extend([
     ("predict", _add_predict, _run_predict),
     ("evaluate", _add_evaluate, _run_evaluate),
     ("convert", _add_convert, _run_convert),
+    ("export", _add_export, _run_export),
     ("demo", _add_demo, _run_demo),
 ])
 

@@ -103,75 +103,49 @@ def test_d2_training_pth_and_categories(d2_files, tmp_path) -> None:
     assert converted.config.postprocess.nms_kernel == 41 and converted.config.postprocess.stuff_area == 4096
 
 
-def test_bc_outputs_equal_reference(tmp_path) -> None:
-    state = random_state(bc_shapes("resnet50", 19), seed=7)
-    path = tmp_path / "final_state.pth"
-    torch.save(state, path)
-    converted = convert_checkpoint("bc", path, tmp_path / "out.pt", progress=False)
-    model_cfg = converted.config.model
-    assert (model_cfg.backbone, model_cfg.output_stride, model_cfg.low_level_strides) == ("resnet50", 32, (16, 8, 4))
-    image = torch.rand(3, 129, 161, generator=torch.Generator().manual_seed(5))  # k*32+1 as BC's test crops
-    ours = Predictor.from_checkpoint(converted.path, device="cpu").raw_outputs([image])[0]
-    _assert_close(ours, bc_forward(state, image, "resnet50"))
+def _without(prefix: str):  # noqa: ANN202
+    return lambda state: {k: v for k, v in state.items() if not k.startswith(prefix)}
 
 
-def test_bc_mobilenet_v2_outputs_equal_reference(tmp_path) -> None:
-    """panoptic_deeplab_MBNV2_100_os32_cityscapes: MobileNetV2 (ReLU6, no last 1x1 conv) taps layer_14, 7, 4."""
-    state = random_state(bc_shapes("mobilenet_v2", 19), seed=9)
-    path = tmp_path / "final_state.pth"
-    torch.save(state, path)
-    converted = convert_checkpoint("bc", path, tmp_path / "out.pt", progress=False)
-    model_cfg = converted.config.model
-    assert (model_cfg.backbone, model_cfg.output_stride, model_cfg.low_level_strides) == \
-        ("mobilenetv2_100", 32, (16, 8, 4))
-    assert converted.architecture == "mobilenetv2_100 with 3 decoder stages"
-    image = torch.rand(3, 129, 161, generator=torch.Generator().manual_seed(6))
-    ours = Predictor.from_checkpoint(converted.path, device="cpu").raw_outputs([image])[0]
-    _assert_close(ours, bc_forward(state, image, "mobilenet_v2"))
-    del state["backbone.features.17.conv.0.0.weight"]  # a narrower or truncated MobileNet is refused by name
-    state = {k: v for k, v in state.items() if not k.startswith("backbone.features.17.")}
-    torch.save(state, path)
-    with pytest.raises(ConversionError, match=r"a MobileNet backbone with 17 feature blocks, not MobileNetV2 width 1.0"):
-        convert_checkpoint("bc", path, tmp_path / "o.pt", progress=False)
+def _wider_last_branch(state):  # noqa: ANN001, ANN202
+    return {**state, "backbone.stage4.0.branches.3.0.conv1.weight": torch.zeros(256, 256, 3, 3)}
 
 
-def test_bc_xception65_outputs_equal_reference(tmp_path) -> None:
-    """panoptic_deeplab_X65_os32_cityscapes_lr_x10: its own Xception-65 taps (before the ReLUs timm taps after,
-    the middle flow's output), BN epsilon 1e-5, its normalisation mean = std = 0.5."""
-    state = random_state(bc_shapes("xception65", 19), seed=10)
+# The model zoo's configs: (BC backbone, ours, MODEL.BN_MOMENTUM, a damage, the error it gets).
+BC_CASES = [
+    # panoptic_deeplab_R50_os32_cityscapes: TorchVision's ResNet-50
+    ("resnet50", "resnet50", 0.01, None, None),
+    # panoptic_deeplab_MBNV2_100_os32_cityscapes: MobileNetV2 (ReLU6, no last 1x1 conv) taps layer_14, 7, 4
+    ("mobilenet_v2", "mobilenetv2_100", 0.01, _without("backbone.features.17."),
+     r"a MobileNet backbone with 17 feature blocks, not MobileNetV2 width 1.0"),
+    # panoptic_deeplab_X65_os32_cityscapes_lr_x10: its own Xception-65 taps (before the ReLUs timm taps after, the
+    # middle flow's output), BN epsilon 1e-5, its normalisation mean = std = 0.5
+    ("xception65", "bc_xception65", 0.001, _without("backbone.block21."),
+     r"an Xception backbone with 20 blocks, not Xception-65"),
+    # panoptic_deeplab_H48_os4_cityscapes: HRNet-W48's stage-4 branches, fused with bilinear aligned-corner
+    # upsampling to each branch's size (odd sizes, as its 1025x2049 crops), ASPP on the stride-32 branch
+    ("hrnet48", "bc_hrnet_w48", 0.01, _wider_last_branch,
+     r"an HRNet backbone with branch widths \(48, 96, 192, 256\), not HRNet-W48"),
+]
+
+
+@pytest.mark.parametrize("backbone, ours_name, momentum, damage, error", BC_CASES)
+def test_bc_outputs_equal_reference(tmp_path, backbone, ours_name, momentum, damage, error) -> None:
+    state = random_state(bc_shapes(backbone, 19), seed=7)
     path = tmp_path / "final_state.pth"
     torch.save(state, path)
     converted = convert_checkpoint("bc", path, tmp_path / "out.pt", progress=False)
     model_cfg = converted.config.model
     assert (model_cfg.backbone, model_cfg.output_stride, model_cfg.low_level_strides, model_cfg.bn_momentum) == \
-        ("bc_xception65", 32, (16, 8, 4), 0.001)
-    image = torch.rand(3, 129, 161, generator=torch.Generator().manual_seed(7))
+        (ours_name, 32, (16, 8, 4), momentum)
+    assert converted.architecture == f"{ours_name} with 3 decoder stages"
+    image = torch.rand(3, 129, 161, generator=torch.Generator().manual_seed(5))  # k*32+1 as BC's test crops
     ours = Predictor.from_checkpoint(converted.path, device="cpu").raw_outputs([image])[0]
-    _assert_close(ours, bc_forward(state, image, "xception65"))
-    state = {k: v for k, v in state.items() if not k.startswith("backbone.block21.")}
-    torch.save(state, path)
-    with pytest.raises(ConversionError, match=r"an Xception backbone with 20 blocks, not Xception-65"):
-        convert_checkpoint("bc", path, tmp_path / "o.pt", progress=False)
-
-
-def test_bc_hrnet48_outputs_equal_reference(tmp_path) -> None:
-    """panoptic_deeplab_H48_os4_cityscapes: HRNet-W48's stage-4 branches, fused with bilinear aligned-corner
-    upsampling to each branch's size (odd sizes, as its 1025x2049 crops), ASPP on the stride-32 branch."""
-    state = random_state(bc_shapes("hrnet48", 19), seed=11)
-    path = tmp_path / "final_state.pth"
-    torch.save(state, path)
-    converted = convert_checkpoint("bc", path, tmp_path / "out.pt", progress=False)
-    model_cfg = converted.config.model
-    assert (model_cfg.backbone, model_cfg.output_stride, model_cfg.low_level_strides) == \
-        ("bc_hrnet_w48", 32, (16, 8, 4))
-    image = torch.rand(3, 129, 161, generator=torch.Generator().manual_seed(8))
-    ours = Predictor.from_checkpoint(converted.path, device="cpu").raw_outputs([image])[0]
-    _assert_close(ours, bc_forward(state, image, "hrnet48"))
-    state["backbone.stage4.0.branches.3.0.conv1.weight"] = torch.zeros(256, 256, 3, 3)
-    torch.save(state, path)
-    with pytest.raises(ConversionError, match=r"an HRNet backbone with branch widths \(48, 96, 192, 256\), not "
-                                              r"HRNet-W48"):
-        convert_checkpoint("bc", path, tmp_path / "o.pt", progress=False)
+    _assert_close(ours, bc_forward(state, image, backbone))
+    if damage is not None:  # the same family with other widths or depths is refused by name
+        torch.save(damage(state), path)
+        with pytest.raises(ConversionError, match=error):
+            convert_checkpoint("bc", path, tmp_path / "o.pt", progress=False)
 
 
 def test_bc_encoders_exist_for_converted_weights_only() -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from panoptic_deeplab.engine.checkpoint import (
     CheckpointError,
@@ -124,3 +126,82 @@ def test_nonfinite_weights_are_named(tmp_path) -> None:
     torch.save({"model": state}, path)
     with pytest.raises(NonFiniteWeightsError, match=r"model.init_checkpoint .*diverged.pt holds NaN or Inf"):
         initialize_from(torch.nn.Linear(1, 1), path)
+
+
+def _file_of_kind(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / {"text": "notes.txt", "yaml": "config.pt", "png": "image.png", "onnx": "model.onnx",
+                       "tf": "ckpt-1.index", "empty": "empty.pt", "binary": "random.bin", "dir": "run"}[kind]
+    if kind == "text":
+        path.write_text("my notes about the experiment\n")
+    elif kind == "yaml":
+        path.write_text("model:\n  backbone: resnet50\n")
+    elif kind == "png":
+        from PIL import Image
+
+        Image.new("RGB", (4, 4)).save(path)
+    elif kind == "onnx":
+        path.write_bytes(b"\x08\x08\x12\x07pytorch")
+    elif kind in ("tf", "binary"):
+        path.write_bytes(bytes(range(200, 256)) * 4)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        path.mkdir()
+        atomic_torch_save({"model": {}}, path / checkpoint_name(5))
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", r"notes.txt is a text file, not a panoptic-deeplab checkpoint"),
+    ("yaml", r"config.pt is a YAML or text file, not a panoptic-deeplab checkpoint"),
+    ("png", r"image.png is a PNG image, not a panoptic-deeplab checkpoint"),
+    ("onnx", r"model.onnx is an ONNX model, not a panoptic-deeplab checkpoint: predict --onnx runs it"),
+    ("tf", r"ckpt-1.index is part of a TensorFlow checkpoint, not a panoptic-deeplab checkpoint: deeplab2 "
+           r"checkpoints go through convert --from dl2"),
+    ("empty", r"empty.pt is an empty file, not a panoptic-deeplab checkpoint"),
+    ("binary", r"random.bin is a binary file of an unknown format, not a panoptic-deeplab checkpoint"),
+    ("dir", r"checkpoint .*run is a directory, not a checkpoint file \(it holds checkpoints: give one of them\)"),
+])
+def test_files_that_are_not_checkpoints_are_named(tmp_path: Path, kind: str, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_file_of_kind(tmp_path, kind))
+
+
+def test_every_verb_names_the_wrong_file(tmp_path: Path) -> None:
+    """predict, evaluate, train --resume and model.init_checkpoint: one line naming the file, exit status 2."""
+    import subprocess
+    import sys
+
+    notes = _file_of_kind(tmp_path, "text")
+    commands = [
+        ["predict", "--checkpoint", str(notes), "--input", str(notes), "--output", str(tmp_path / "p")],
+        ["evaluate", "--checkpoint", str(notes), "--output", str(tmp_path / "r.json")],
+        ["train", "--config", "synthetic_mnv3", "--resume", str(notes), f"train.output_dir={tmp_path / 't'}"],
+        ["train", "--config", "synthetic_mnv3", f"model.init_checkpoint={notes}", "model.pretrained=false",
+         f"train.output_dir={tmp_path / 'i'}"],
+    ]
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", *command], capture_output=True,
+                                text=True)
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert "notes.txt is a text file, not a panoptic-deeplab checkpoint" in result.stderr, command[0]
+        assert "Traceback" not in result.stderr, command
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=600), prefix=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x04\x95"]))
+def test_load_checkpoint_fuzz_gives_a_clear_error(tmp_path_factory, data: bytes, prefix: bytes) -> None:
+    """Random bytes, also behind the zip and pickle magic numbers torch files start with: CheckpointError only."""
+    path = tmp_path_factory.mktemp("fuzz") / "model.pt"
+    path.write_bytes(prefix + data)
+    with pytest.raises(CheckpointError, match=r"model.pt"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoints_give_a_clear_error(tmp_path: Path) -> None:
+    whole = atomic_torch_save({"model": {"w": torch.arange(1000.0)}}, tmp_path / "whole.pt").read_bytes()
+    for cut in (10, len(whole) // 3, len(whole) - 30):
+        path = tmp_path / f"cut{cut}.pt"
+        path.write_bytes(whole[:cut])
+        with pytest.raises(CheckpointError, match=rf"cut{cut}.pt"):
+            load_checkpoint(path)

@@ -1,4 +1,4 @@
-"""Shared helpers for the network tests: small configurations and the `heavy` marker."""
+"""Shared helpers for the network tests: small configurations."""
 
 from __future__ import annotations
 
@@ -7,12 +7,6 @@ import dataclasses
 import pytest
 
 from panoptic_deeplab.config import ModelConfig
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "heavy: full-size forward passes of every backbone (minutes); -m 'not heavy' skips them"
-    )
-
 
 def _tiny_config(**overrides) -> ModelConfig:
     cfg = ModelConfig(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from panoptic_deeplab.atomic import write_atomic
+from panoptic_deeplab.filekind import describe_file
 
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pt$")
 BEST_NAME = "best.pt"
@@ -71,19 +72,31 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     that references any other callable (e.g. a malicious ``__reduce__``) raises ``CheckpointError``.
     """
     path = Path(path)
+    if path.is_dir():
+        held = " (it holds checkpoints: give one of them)" if list_checkpoints(path) else ""
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file{held}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    kind, hint = describe_file(path)
+    if kind not in ("a zip archive", "a Python pickle"):  # torch files are one or the other
+        raise CheckpointError(f"{path} is {kind}, not a panoptic-deeplab checkpoint" + (f": {hint}" if hint else ""))
     try:
         ckpt = load_tensors_only(path, map_location)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refusing to load {path}: it contains objects other than tensors and plain Python types, "
-            f"so it may run code when unpickled (torch.load weights_only=True said: {str(exc).splitlines()[0]})"
+            f"so it may run code when unpickled (torch.load weights_only=True said: {str(exc).splitlines()[0]}; "
+            "a detectron2 .pkl goes through convert --from d2)"
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # a damaged zip or pickle makes torch raise many kinds (KeyError, ValueError, ...)
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {kind} that torch.load cannot read ({detail}); "
+                              "truncated or damaged?") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a panoptic-deeplab checkpoint (expected a dict with a 'model' entry)")
+        raise CheckpointError(
+            f"{path} is a torch file but not a panoptic-deeplab checkpoint (expected a dict with a 'model' entry; "
+            "a reference implementation's checkpoint goes through panoptic-deeplab convert)"
+        )
     return ckpt
 
 
