@@ -210,7 +210,6 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output, "--output")
     paths = list_images(args.input)
-    meta = load_panoptic_json(args.categories).meta if args.categories else None
     options = dict(tta_flip=args.tta_flip, tta_scales=args.tta_scales, batch_size=args.batch_size)
     if args.onnx:
         from panoptic_deeplab.export import onnx_predictor
@@ -221,6 +220,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         predictor = onnx_predictor(args.onnx, **options)
     else:
+        meta = load_panoptic_json(args.categories).meta if args.categories else None
         try:
             predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, meta=meta, **options)
         except CheckpointError as exc:

@@ -329,8 +329,7 @@ def config_facts(input_name: str, output_stride: int | None, config: str | os.Pa
         return facts
     raise ConversionError(
         f"{file_name_of(input_name)} is not a published deeplab2 file, and a checkpoint does not record its output "
-        "stride: "
-        "give --config (its .textproto) or --output-stride 16 or 32 (backbone.output_stride of its config)"
+        "stride: give --config (its .textproto) or --output-stride 16 or 32 (backbone.output_stride of its config)"
     )
 
 

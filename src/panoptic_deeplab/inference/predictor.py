@@ -3,8 +3,8 @@
 ``Predictor.predict(image)`` returns a :class:`~panoptic_deeplab.inference.results.PanopticResult` at the image's
 own size; :func:`predict_folder` writes many as one COCO panoptic prediction set
 (:class:`~panoptic_deeplab.inference.results.PanopticPredictionWriter`). The network is a PyTorch model or, through
-:meth:`Predictor.from_onnx`, an exported ONNX graph run by ONNX Runtime: both go through the same padding, TTA and
-post-processing.
+:func:`panoptic_deeplab.export.onnx_predictor`, an exported ONNX graph run by ONNX Runtime: both go through the same
+padding, TTA and post-processing.
 """
 
 from __future__ import annotations

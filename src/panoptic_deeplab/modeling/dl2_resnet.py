@@ -189,12 +189,14 @@ class DeepLab2ResNet(nn.Module):
         first = 5 - len(spec.num_blocks)
         self.first_stage = first + 1  # deeplab2's number of stages[0]
         self.stages = nn.ModuleList()
+        self.endpoint_stages: list[int] = []  # indices into stages of res2 .. res5
         info = []
         for index, num_blocks in zip(range(first, 5), spec.num_blocks):
             filters = 32 << index  # filters_list: 32 * the stage's original input stride (before wider's change)
             stage_stride, input_stride = strides[index], input_strides[index]
-            bottleneck = not wider or input_stride * stage_stride >= 32
-            sac = input_stride * stage_stride >= spec.sac_beyond_stride > 0  # BlockGroup's use_sac
+            final = input_stride * stage_stride  # the stage's original output stride
+            bottleneck = not wider or final >= 32
+            sac = final >= spec.sac_beyond_stride > 0  # BlockGroup's use_sac
             widths = (filters, filters, 4 * filters) if not wider else \
                 ((filters, 2 * filters, 4 * filters) if bottleneck else (4 * filters, 4 * filters))
             blocks, running = [], input_stride
@@ -204,17 +206,16 @@ class DeepLab2ResNet(nn.Module):
                 if bottleneck:
                     blocks.append(BottleneckBlock(cin, widths, stride, rate, bn_eps, sac))  # type: ignore[arg-type]
                 else:
-                    final = input_stride * stage_stride
                     second = final // output_stride if b == 0 and final > output_stride else rate
                     blocks.append(BasicBlock(cin, widths, stride, rate, second, bn_eps, sac))  # type: ignore[arg-type]
                 if b == 0 and stage_stride > 1:
                     running *= stage_stride
                 cin = widths[-1]
             self.stages.append(nn.Sequential(*blocks))
-            reduction = min(input_stride * stage_stride, output_stride)
             if index >= 1:  # res2 .. res5
-                info.append(dict(num_chs=cin, reduction=reduction, module=f"stages.{len(self.stages) - 1}"))
-        self.endpoint_stages = [int(i["module"].split(".")[1]) for i in info]
+                self.endpoint_stages.append(len(self.stages) - 1)
+                info.append(dict(num_chs=cin, reduction=min(final, output_stride),
+                                 module=f"stages.{len(self.stages) - 1}"))
         self.feature_info = FeatureInfo(info, out_indices=tuple(range(len(info))))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
