@@ -420,35 +420,38 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a checkpoint's network as an ONNX file for ONNX Runtime and other runtimes",
-        description="Exports the network (image in [0, 1] -> semantic logits, center heatmap, offsets, the model's "
-        "normalisation inside) with its config and categories in the file's metadata, checks it against PyTorch "
-        "with ONNX Runtime and prints the largest difference; predict --onnx then gives the checkpoint's results. "
-        "The post-processing is not inside the graph yet: --no-postprocess says so explicitly. Needs the 'export' "
-        "extra (pip install 'panoptic-deeplab[export]'). Exit status: 0 written, 2 unusable input.",
+        help="write a checkpoint as an ONNX file (image in, label map and instances out) for ONNX Runtime",
+        description="Exports the whole pipeline (uint8 RGB images [N, H, W, 3] -> panoptic label map, semantic map, "
+        "centers, instances with classes, scores and boxes, and the raw center heatmap and offsets: padding, "
+        "network and post-processing inside) or, with --no-postprocess, the network only (images in [0, 1] -> "
+        "semantic logits, center heatmap, offsets). The config and categories go into the file's metadata. The "
+        "export runs the graph with ONNX Runtime and prints how it compares with PyTorch; predict --onnx then "
+        "gives the checkpoint's results. Needs the 'export' extra (pip install 'panoptic-deeplab[export]'). "
+        "Exit status: 0 written, 2 unusable input.",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file written by train or convert")
     p.add_argument("--output", required=True, help="the ONNX file to write, e.g. model.onnx")
     p.add_argument("--size", type=_parse_size, default=None, metavar="HxW",
-                   help="fix the input size (e.g. 1025x2049) for runtimes that need static shapes; smaller images "
-                   "are padded to it (default: any size)")
+                   help="fix the input size for runtimes that need static shapes: the whole pipeline then takes "
+                   "images of exactly this size; the network only takes a size it resamples exactly (e.g. 1025x2049) "
+                   "and smaller images are padded to it (default: any size)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--no-postprocess", action="store_true",
-                   help="export the network only (required for now: predict --onnx runs the post-processing)")
+                   help="export the network only; predict --onnx runs padding, TTA and post-processing around it")
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from panoptic_deeplab.export import export_onnx
 
-    if not args.no_postprocess:
-        print("error: the post-processing cannot be exported into the graph yet; pass --no-postprocess to export "
-              "the network (predict --onnx runs the post-processing around it)", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    result = export_onnx(args.checkpoint, args.output, size=args.size, opset=args.opset)
+    result = export_onnx(args.checkpoint, args.output, size=args.size, opset=args.opset,
+                         postprocess=not args.no_postprocess)
     size = f"{result.input_size[0]}x{result.input_size[1]}" if result.input_size else "any size"
+    kind = "the whole pipeline" if result.postprocess else "the network"
     errors = ", ".join(f"{k} {v:.1e}" for k, v in result.max_error.items())
-    print(f"exported to {result.path} (opset {result.opset}, input {size}); ONNX Runtime vs PyTorch, max "
+    print(f"exported {kind} to {result.path} (opset {result.opset}, input {size}); ONNX Runtime vs PyTorch, max "
           f"difference / std: {errors}")
+    if result.label_pixels_differ is not None:
+        print(f"label map pixels that differ from PyTorch on the check image: {result.label_pixels_differ}")
     print(f"next: panoptic-deeplab predict --onnx {result.path} --input IMAGES --output OUT")
     return EXIT_OK
 

@@ -10,12 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_setup import TINY_MODEL_OVERRIDES
 
-from panoptic_deeplab.config import config_to_dict, load_config
 from panoptic_deeplab.data.coco_panoptic import load_image
-from panoptic_deeplab.data.synthetic import make_synthetic_dataset, synthetic_meta
-from panoptic_deeplab.engine.checkpoint import atomic_torch_save
+from panoptic_deeplab.data.synthetic import synthetic_meta
 from panoptic_deeplab.export import (
     ExportError,
     export_onnx,
@@ -23,7 +20,6 @@ from panoptic_deeplab.export import (
     read_onnx_metadata,
 )
 from panoptic_deeplab.inference.predictor import Predictor
-from panoptic_deeplab.modeling import build_model
 
 pytest.importorskip("onnxruntime", reason="the 'export' extra is not installed")
 
@@ -33,19 +29,15 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, Path]:
-    """A tiny random model's checkpoint, its synthetic val images, and its graph exported by the CLI."""
-    root = tmp_path_factory.mktemp("onnx")
-    cfg = load_config("synthetic_mnv3", TINY_MODEL_OVERRIDES)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
-    checkpoint = atomic_torch_save({"model": model.state_dict(), "config": config_to_dict(cfg),
-                                    "meta": synthetic_meta().to_json()}, root / "model.pt")
-    split = make_synthetic_dataset(root / "data", "val", num_images=3, size=(96, 160), seed=3)
-    result = _cli("export", "--checkpoint", str(checkpoint), "--output", str(root / "model.onnx"), "--no-postprocess")
+def exported(tiny_checkpoint) -> dict[str, Path]:
+    """The tiny checkpoint's network exported by the CLI (--no-postprocess), with its images."""
+    onnx_path = tiny_checkpoint["root"] / "network.onnx"
+    result = _cli("export", "--checkpoint", str(tiny_checkpoint["checkpoint"]), "--output", str(onnx_path),
+                  "--no-postprocess")
     assert result.returncode == 0, result.stderr
+    assert "exported the network" in result.stdout
     assert "ONNX Runtime vs PyTorch, max difference / std: semantic" in result.stdout
-    return {"root": root, "checkpoint": checkpoint, "onnx": root / "model.onnx", "images": split.image_dir}
+    return {**tiny_checkpoint, "onnx": onnx_path}
 
 
 def test_graph_takes_any_size_and_equals_pytorch(exported) -> None:
@@ -87,7 +79,7 @@ def test_predict_onnx_writes_what_predict_checkpoint_writes(exported, tmp_path) 
 
 
 def test_fixed_size_graph_pads_smaller_images_and_refuses_larger(exported, tmp_path) -> None:
-    fixed = export_onnx(exported["checkpoint"], tmp_path / "fixed.onnx", size=(129, 161))
+    fixed = export_onnx(exported["checkpoint"], tmp_path / "fixed.onnx", size=(129, 161), postprocess=False)
     assert fixed.input_size == (129, 161) and all(v < 1e-4 for v in fixed.max_error.values())
     ours, theirs = onnx_predictor(fixed.path), Predictor.from_checkpoint(exported["checkpoint"], device="cpu")
     # A 96x160 image runs padded to 129x161 (global pooling sees the padding): PyTorch on the same padded input.
@@ -107,9 +99,7 @@ def test_fixed_size_graph_pads_smaller_images_and_refuses_larger(exported, tmp_p
 def test_export_refusals(exported, tmp_path, monkeypatch) -> None:
     with pytest.raises(ExportError, match=r"--size 100x100 is not a size this network resamples exactly \(output "
                                           r"stride 16\): use 113x113"):
-        export_onnx(exported["checkpoint"], tmp_path / "x.onnx", size=(100, 100))
-    result = _cli("export", "--checkpoint", str(exported["checkpoint"]), "--output", str(tmp_path / "x.onnx"))
-    assert result.returncode == 2 and "pass --no-postprocess" in result.stderr
+        export_onnx(exported["checkpoint"], tmp_path / "x.onnx", size=(100, 100), postprocess=False)
     assert not (tmp_path / "x.onnx").exists()
 
 

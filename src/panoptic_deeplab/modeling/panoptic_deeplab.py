@@ -108,7 +108,8 @@ class PanopticDeepLab(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images [N, 3, H, W], got shape {tuple(images.shape)}")
-        size = (int(images.shape[-2]), int(images.shape[-1]))
+        # not int(): under torch.export that would fix the size of an input computed from a dynamic one
+        size = (images.shape[-2], images.shape[-1])
         features = self.backbone(self.normalize(images))
         semantic = self.semantic_head(self.semantic_decoder(features))
         instance = self.instance_decoder(features)
