@@ -3,12 +3,15 @@ the exported ONNX graphs under ONNX Runtime (the network with PyTorch post-proce
 pipeline in one graph), for MobileNetV3-L and ResNet-50 at 1025x2049.
 
     .venv/bin/python benchmarks/bench_inference.py [--size 1024x2048] [--repeats 2] [--presets cityscapes_mnv3 ...]
+        [--pq-checkpoint demo_output/train/model_final.pt --pq-split demo_output/data/val]
 
-Random weights with unit batch-norm scales (a fresh model's zero scales would give a flat heatmap and no
-centers; these give up to ``top_k`` = 200 of them, the grouping's worst case). Per preset and runtime: the best
+Random weights with structure (``modeling.random_weights``: a fresh model's heatmap is flat, without centers;
+these give many, up to ``top_k`` = 200). Per preset and runtime: the best
 of ``--repeats`` runs of ``predict`` (padding, network, post-processing, result) after a warm-up, the ratio to
 eager PyTorch, and the share of pixels whose label equals eager PyTorch's (float noise can flip a tie). Needs
-the 'export' extra. Set OMP_WAIT_POLICY=PASSIVE on a busy machine.
+the 'export' extra. With ``--pq-checkpoint`` (a model trained on the synthetic dataset, e.g. by ``make demo``)
+it also prints each runtime's PQ on the synthetic val split and its difference to fp32. Set
+OMP_WAIT_POLICY=PASSIVE on a busy machine.
 """
 
 from __future__ import annotations
@@ -17,16 +20,19 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from panoptic_deeplab.checkpoint import atomic_torch_save
 from panoptic_deeplab.config import config_to_dict, load_config
 from panoptic_deeplab.data.metadata import dataset_meta
-from panoptic_deeplab.engine.checkpoint import atomic_torch_save
+from panoptic_deeplab.evaluation import evaluate_panoptic_files
 from panoptic_deeplab.export import export_onnx, onnx_predictor
-from panoptic_deeplab.inference.predictor import Predictor
+from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
 from panoptic_deeplab.modeling import build_model
+from panoptic_deeplab.modeling.random_weights import randomize_weights
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -44,39 +50,68 @@ def _best(predictor: Predictor, image: np.ndarray, repeats: int) -> tuple[float,
     return min(times), label_map
 
 
+def _runtimes(checkpoint: Path, folder: Path) -> dict[str, Any]:
+    """Every way this project runs ``checkpoint``, each a predictor with ``predict`` / ``predict_batch``."""
+    network = export_onnx(checkpoint, folder / "network.onnx", postprocess=False)
+    pipeline = export_onnx(checkpoint, folder / "pipeline.onnx")
+    eager = Predictor.from_checkpoint(checkpoint, device="cpu")
+    eager.model = eager.model.to(memory_format=torch.contiguous_format)
+    return {
+        "PyTorch eager (NCHW)": eager,
+        "PyTorch channels_last": Predictor.from_checkpoint(checkpoint, device="cpu"),  # the predictor's default
+        "PyTorch bf16 autocast": Predictor.from_checkpoint(checkpoint, device="cpu", precision="bf16"),
+        "ORT fp32 network": onnx_predictor(network.path),
+        "ORT fp32 whole pipeline": onnx_predictor(pipeline.path),
+    }
+
+
+def _pq(predictor: Any, split: Path, folder: Path) -> float:
+    """PQ of ``predictor`` on a split folder as make-synthetic writes it (``images/``, ``panoptic/``, one JSON)."""
+    (gt_json,) = split.glob("*.json")
+    json_path, png_dir = folder / "predictions.json", folder / "predictions"
+    for _ in predict_folder(predictor, list_images(split / "images"), json_path, png_dir):
+        pass
+    report = evaluate_panoptic_files(gt_json, split / "panoptic", json_path, png_dir, progress=False)
+    return 100 * report.all.pq
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=_size, default=(1024, 2048))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--presets", nargs="*", default=["cityscapes_mnv3", "cityscapes_r50"])
+    parser.add_argument("--pq-checkpoint", type=Path, default=None,
+                        help="a checkpoint trained on the synthetic dataset (e.g. demo_output/train/model_final.pt)")
+    parser.add_argument("--pq-split", type=Path, default=None,
+                        help="its synthetic val split (e.g. demo_output/data/val): PQ of every runtime on it")
     args = parser.parse_args()
     image = np.random.default_rng(0).integers(0, 256, (*args.size, 3), dtype=np.uint8)
     print(f"{'preset':18s} {'runtime':24s} {'s/image':>8s} {'x eager':>8s} {'labels = eager':>15s}")
     for preset in args.presets:
         cfg = load_config(preset, ["model.pretrained=false"])
         torch.manual_seed(0)
-        model = build_model(cfg.model).eval()
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                torch.nn.init.ones_(module.weight)
+        model = randomize_weights(build_model(cfg.model).eval())
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = atomic_torch_save({"model": model.state_dict(), "config": config_to_dict(cfg),
                                             "meta": dataset_meta("cityscapes").to_json()}, Path(tmp) / "model.pt")
-            network = export_onnx(checkpoint, Path(tmp) / "network.onnx", postprocess=False)
-            pipeline = export_onnx(checkpoint, Path(tmp) / "pipeline.onnx")
-            channels_last = Predictor.from_checkpoint(checkpoint, device="cpu")  # the predictor's own layout
-            eager = Predictor.from_checkpoint(checkpoint, device="cpu")
-            eager.model = eager.model.to(memory_format=torch.contiguous_format)
-            runs = {"PyTorch eager (NCHW)": eager, "PyTorch channels_last": channels_last,
-                    "ORT fp32 network": onnx_predictor(network.path),
-                    "ORT fp32 whole pipeline": onnx_predictor(pipeline.path)}
+            runs = _runtimes(checkpoint, Path(tmp))
             results = {name: _best(predictor, image, args.repeats) for name, predictor in runs.items()}
-            centers = len(channels_last.predict(image).centers)
+            centers = len(runs["PyTorch channels_last"].predict(image).centers)
         print(f"{preset}: {centers} centers detected")
         base_time, base_labels = results["PyTorch eager (NCHW)"]
         for name, (seconds, labels) in results.items():
             print(f"{preset:18s} {name:24s} {seconds:8.2f} {base_time / seconds:8.2f} "
                   f"{float((labels == base_labels).mean()):15.6f}", flush=True)
+    if args.pq_checkpoint is not None:
+        if args.pq_split is None:
+            parser.error("--pq-checkpoint needs --pq-split")
+        print(f"\nPQ on {args.pq_split} of {args.pq_checkpoint}")
+        with tempfile.TemporaryDirectory() as tmp:
+            pqs = {}
+            for name, predictor in _runtimes(args.pq_checkpoint, Path(tmp)).items():
+                folder = Path(tmp) / name.replace(" ", "_")
+                pqs[name] = _pq(predictor, args.pq_split, folder)
+                print(f"{name:24s} PQ {pqs[name]:6.2f} ({pqs[name] - pqs['PyTorch eager (NCHW)']:+.2f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark of panoptic post-processing against a straightforward pixels x centers implementation.
 
-Run: ``.venv/bin/python benchmarks/bench_postprocess.py`` (options: ``--help``).
+Run: ``.venv/bin/python benchmarks/bench_postprocess.py`` (options: ``--help``; ``--onnx`` adds the
+post-processing of the exported whole-pipeline graph, run by ONNX Runtime, measured the same way).
 
 Input: a synthetic 1025x2049 Cityscapes-like frame (19 classes, things 11..18) with Gaussian center
 peaks (sigma 8), offsets pointing to the centers with noise on thing pixels, and semantic logits with
@@ -137,11 +138,49 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(method: str, path: str, repeat: int, threads: int, out_path: str) -> None:
+class _PostprocessOnly(torch.nn.Module):
+    """The post-processing of the exported whole-pipeline graph (``export.graph.PanopticGraph``), alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from panoptic_deeplab.config import ModelConfig
+        from panoptic_deeplab.export.graph import PanopticGraph
+
+        self.pipeline = PanopticGraph(torch.nn.Identity(), ModelConfig(num_classes=NUM_CLASSES), PostProcessConfig(),
+                                      THING_IDS, LABEL_DIVISOR, VOID_LABEL)
+
+    def forward(self, logits: torch.Tensor, heatmap: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.pipeline.postprocess(logits, heatmap, offsets)
+
+
+def export_graph(inputs: dict[str, torch.Tensor], path: str) -> None:
+    """The graph's post-processing as ONNX (dynamic batch and size, 200 center slots)."""
+    from panoptic_deeplab.export.graph import GRAPH_OUTPUT_NAMES, sym_stride_translation
+
+    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    example = tuple(inputs[k][..., :129, :161].contiguous() for k in ("semantic_logits", "center", "offset"))
+    torch.onnx.export(_PostprocessOnly(), example, path, dynamo=True, dynamic_shapes=(dims, dims, dims),
+                      input_names=["logits", "heatmap", "offsets"], output_names=list(GRAPH_OUTPUT_NAMES),
+                      custom_translation_table={torch.ops.aten.sym_stride.int: sym_stride_translation}, verbose=False)
+
+
+def worker(method: str, path: str, repeat: int, threads: int, out_path: str, graph_path: str | None) -> None:
     torch.set_num_threads(threads)
     inputs = torch.load(path)
     cfg = PostProcessConfig()
-    if method == "ours":
+    if method == "graph":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(graph_path, options, providers=["CPUExecutionProvider"])
+        feed = {"logits": inputs["semantic_logits"].numpy(), "heatmap": inputs["center"].numpy(),
+                "offsets": inputs["offset"].numpy()}
+
+        def run() -> torch.Tensor:
+            return torch.from_numpy(session.run(["panoptic"], feed)[0][0])
+
+    elif method == "ours":
 
         def run() -> torch.Tensor:
             return panoptic_postprocess(
@@ -168,9 +207,12 @@ def worker(method: str, path: str, repeat: int, threads: int, out_path: str) -> 
     print(json.dumps({"times": times, "cpu_times": cpu_times, "extra_mib": extra_mib}))
 
 
-def measure(method: str, path: str, repeat: int, threads: int, out_path: str, wait_policy: str) -> dict:
+def measure(method: str, path: str, repeat: int, threads: int, out_path: str, wait_policy: str,
+            graph_path: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, path, "--repeat", str(repeat)]
     cmd += ["--threads", str(threads), "--out", out_path]
+    if graph_path is not None:
+        cmd += ["--graph", graph_path]
     env = dict(os.environ)
     if wait_policy != "default":
         env["OMP_WAIT_POLICY"] = wait_policy  # read by OpenMP when torch loads: set before the process starts
@@ -192,11 +234,14 @@ def main() -> None:
         default="PASSIVE",
         help="OMP_WAIT_POLICY of the measured processes (see the module docstring)",
     )
+    parser.add_argument("--onnx", action="store_true",
+                        help="also the post-processing of the exported ONNX graph under ONNX Runtime (extra 'export')")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "INPUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--graph", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.repeat, args.threads, args.out)
+        worker(args.worker[0], args.worker[1], args.repeat, args.threads, args.out, args.graph)
         return
 
     height, width = args.size
@@ -210,9 +255,16 @@ def main() -> None:
             path = os.path.join(tmp, f"inputs_{num_centers}.pt")
             torch.save(inputs, path)
             results = {}
-            for method, repeat in (("ours", args.repeat), ("naive", args.naive_repeat)):
+            methods = [("ours", args.repeat), ("naive", args.naive_repeat)]
+            graph_path = None
+            if args.onnx:
+                graph_path = os.path.join(tmp, "postprocess.onnx")
+                if not os.path.exists(graph_path):
+                    export_graph(inputs, graph_path)
+                methods.append(("graph", args.naive_repeat))
+            for method, repeat in methods:
                 out = os.path.join(tmp, f"{method}_{num_centers}.pt")
-                results[method] = measure(method, path, repeat, args.threads, out, args.omp_wait_policy)
+                results[method] = measure(method, path, repeat, args.threads, out, args.omp_wait_policy, graph_path)
                 results[method]["label_map"] = torch.load(out)
             detected = panoptic_postprocess(
                 inputs["semantic_logits"], inputs["center"], inputs["offset"], THING_IDS
@@ -224,7 +276,7 @@ def main() -> None:
                 f"{len(detected.instances)} instances, thing pixels {thing_fraction:.0%}, "
                 f"label maps differ at {differ} pixel(s)"
             )
-            for method in ("ours", "naive"):
+            for method in results:
                 r = results[method]
                 print(
                     f"  {method:5s}: wall median {statistics.median(r['times']):7.3f} s "
@@ -235,6 +287,10 @@ def main() -> None:
             t_ratio = statistics.median(results["naive"]["times"]) / statistics.median(results["ours"]["times"])
             m_ratio = results["naive"]["extra_mib"] / max(results["ours"]["extra_mib"], 1e-9)
             print(f"  ratio naive/ours: time x{t_ratio:.1f}, peak extra memory x{m_ratio:.1f}")
+            if "graph" in results:
+                graph_differ = int((results["ours"]["label_map"] != results["graph"]["label_map"]).sum())
+                g_ratio = statistics.median(results["graph"]["times"]) / statistics.median(results["ours"]["times"])
+                print(f"  ONNX graph: label map differs from ours at {graph_differ} pixel(s), time x{g_ratio:.1f} ours")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
 
     from panoptic_deeplab.config import load_config
-    from panoptic_deeplab.engine.checkpoint import CheckpointError
+    from panoptic_deeplab.checkpoint import CheckpointError
     from panoptic_deeplab.engine.trainer import TrainingDivergedError, train
 
     # Under torchrun only rank 0 reports progress; the other ranks print warnings and errors.
@@ -194,8 +194,15 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta-scales", type=_parse_scales, default=(1.0,), metavar="S1,S2,...",
                    help="average over these input scales, e.g. 0.75,1,1.25 (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    _add_precision(p)
     p.add_argument("--no-pictures", action="store_true", help="only write the COCO panoptic predictions")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_precision(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="network arithmetic: fp32 (exact, default) or bf16 (autocast; 2-3x faster on CPUs with "
+                        "AVX512-BF16/AMX and on GPUs; checkpoints only)")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -204,7 +211,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from panoptic_deeplab.data.coco_panoptic import load_panoptic_json
-    from panoptic_deeplab.engine.checkpoint import CheckpointError
+    from panoptic_deeplab.checkpoint import CheckpointError
     from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
     from panoptic_deeplab.inference.visualize import save_pictures
 
@@ -214,15 +221,17 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.onnx:
         from panoptic_deeplab.export import onnx_predictor
 
-        if args.categories or args.device not in ("auto", "cpu"):
-            print("error: --onnx takes neither --categories (the file holds its categories) nor --device "
-                  f"{args.device} (ONNX Runtime runs on the CPU here)", file=sys.stderr)
+        if args.categories or args.device not in ("auto", "cpu") or args.precision != "fp32":
+            print("error: --onnx takes neither --categories (the file holds its categories), --device "
+                  f"{args.device} (ONNX Runtime runs on the CPU here) nor --precision {args.precision} (the graph "
+                  "runs as exported)", file=sys.stderr)
             return EXIT_BAD_INPUT
         predictor = onnx_predictor(args.onnx, **options)
     else:
         meta = load_panoptic_json(args.categories).meta if args.categories else None
         try:
-            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, meta=meta, **options)
+            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, meta=meta,
+                                                  precision=args.precision, **options)
         except CheckpointError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -286,6 +295,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                        help="average over these input scales, e.g. 0.75,1,1.25 (default 1)")
     model.add_argument("--batch-size", type=int, default=None,
                        help="images per forward pass (default data.eval_batch_size)")
+    _add_precision(model)
     model.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. postprocess.stuff_area=4096 data.val.json=...")
     p.add_argument("--output", default=None, metavar="REPORT.json", help="write the report as JSON (atomically)")
@@ -301,6 +311,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                   ("--predictions-dir", args.predictions_dir), ("--max-images", args.max_images),
                   ("--device", args.device != "auto"), ("--tta-flip", args.tta_flip),
                   ("--tta-scales", args.tta_scales != (1.0,)), ("--batch-size", args.batch_size),
+                  ("--precision", args.precision != "fp32"),
                   ("key=value overrides", args.overrides)],
     }[form]
     wrong = [name for name, value in misplaced if value]
@@ -332,9 +343,9 @@ def _run_evaluate_files(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate_model(args: argparse.Namespace) -> int:
+    from panoptic_deeplab.checkpoint import CheckpointError, load_checkpoint
     from panoptic_deeplab.data.coco_panoptic import DatasetMeta
     from panoptic_deeplab.data.dataset import PanopticDataset
-    from panoptic_deeplab.engine.checkpoint import CheckpointError, load_checkpoint
     from panoptic_deeplab.evaluation.evaluator import evaluate_model, evaluation_config
     from panoptic_deeplab.inference.predictor import Predictor
 
@@ -355,7 +366,7 @@ def _run_evaluate_model(args: argparse.Namespace) -> int:
     meta = DatasetMeta.from_json(checkpoint["meta"]) if "meta" in checkpoint else dataset.meta
     predictor = Predictor.from_checkpoint_state(
         checkpoint, args.checkpoint, cfg, meta=meta, device=args.device, tta_flip=args.tta_flip,
-        tta_scales=args.tta_scales, batch_size=args.batch_size or cfg.data.eval_batch_size,
+        tta_scales=args.tta_scales, batch_size=args.batch_size or cfg.data.eval_batch_size, precision=args.precision,
     )
     report = evaluate_model(predictor, dataset, predictions_dir=args.predictions_dir, max_images=args.max_images,
                             progress=not args.no_progress, num_workers=cfg.data.num_workers)

@@ -222,3 +222,38 @@ def test_void_only_png_is_valid(ds):
     save_panoptic_json(ds.json_path, dataset)
     write_panoptic_png(ds.png_dir / dataset.annotations[0].file_name, np.zeros((64, 128), dtype=np.int32))
     assert _validate(ds) == []
+
+
+def test_empty_lists_are_problems(ds, capsys):
+    dataset = load_panoptic_json(ds.json_path)
+    dataset.images.clear()
+    dataset.annotations.clear()
+    save_panoptic_json(ds.json_path, dataset)
+    assert _validate(ds) == [
+        f"{ds.json_path}: 'images' is empty: the split has nothing to train or evaluate on",
+        f"{ds.json_path}: 'annotations' is empty: no image has panoptic labels",
+    ]
+    assert _cli(ds) == 1
+    assert "2 problem(s) in 1 file(s)" in capsys.readouterr().out
+
+
+def test_repeated_image_ids_are_reported_and_refused_by_training(ds):
+    from panoptic_deeplab.config import SplitConfig
+    from panoptic_deeplab.data.dataset import PanopticDataset
+
+    dataset = load_panoptic_json(ds.json_path)
+    dataset.images[1].id = dataset.images[0].id
+    dataset.annotations[1].image_id = dataset.images[0].id
+    save_panoptic_json(ds.json_path, dataset)
+    first = dataset.images[0].id
+    problems = _validate(ds)
+    assert f"{ds.json_path}: image id {first!r} appears 2 times in 'images'" in problems
+    assert f"{ds.json_path}: image id {first!r} has 2 annotations" in problems
+    split = SplitConfig(json=str(ds.json_path), panoptic=str(ds.png_dir), images=str(ds.image_dir))
+    with pytest.raises(DatasetError, match=rf"image id {first!r} appears 2 times in 'images' \(1 repeated id\(s\)\): "
+                                           r"each image needs one id and one annotation"):
+        PanopticDataset(split)
+    dataset.images[1].id = "other"
+    save_panoptic_json(ds.json_path, dataset)
+    with pytest.raises(DatasetError, match=rf"image id {first!r} appears 2 times in 'annotations'"):
+        PanopticDataset(split)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from panoptic_deeplab.engine.checkpoint import (
+from panoptic_deeplab.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     capture_rng_state,
@@ -109,7 +109,7 @@ def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path: Path) -> None:
 
 def test_nonfinite_weights_are_named(tmp_path) -> None:
     """Issue 23: NaN/Inf weights (a corrupted file, a diverged run) are refused with their names and a count."""
-    from panoptic_deeplab.engine.checkpoint import NonFiniteWeightsError, check_finite, initialize_from
+    from panoptic_deeplab.checkpoint import NonFiniteWeightsError, check_finite, initialize_from
 
     state = {f"layer{i}.weight": torch.ones(3) for i in range(8)}
     state["step"] = torch.tensor(3)  # integer tensors are never non-finite

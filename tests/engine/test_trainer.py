@@ -170,7 +170,7 @@ def test_fine_tune_from_a_checkpoint(make_cfg, tmp_path: Path) -> None:
     train(first)
     source = load_checkpoint(tmp_path / "first" / "model_0000001.pt")["model"]
 
-    from panoptic_deeplab.engine.checkpoint import initialize_from
+    from panoptic_deeplab.checkpoint import initialize_from
     from panoptic_deeplab.modeling import build_model
 
     other_classes = dataclasses.replace(first.model, num_classes=first.model.num_classes + 2, pretrained=False)

@@ -19,7 +19,7 @@ from panoptic_deeplab.data.synthetic import make_synthetic_dataset, synthetic_me
 from tiny_setup import TINY_MODEL_OVERRIDES, synthetic_data_overrides
 from panoptic_deeplab.data.targets import generate_targets
 from panoptic_deeplab.data.transforms import TrainTransform
-from panoptic_deeplab.engine.checkpoint import atomic_torch_save
+from panoptic_deeplab.checkpoint import atomic_torch_save
 from panoptic_deeplab.evaluation import evaluate_panoptic_files
 from panoptic_deeplab.evaluation.evaluator import (
     PREDICTIONS_JSON,

@@ -8,30 +8,14 @@ import pytest
 import torch
 from tiny_setup import TINY_MODEL_OVERRIDES
 
+from panoptic_deeplab.checkpoint import atomic_torch_save
 from panoptic_deeplab.config import config_to_dict, load_config
 from panoptic_deeplab.data.synthetic import make_synthetic_dataset, synthetic_meta
-from panoptic_deeplab.engine.checkpoint import atomic_torch_save
 from panoptic_deeplab.modeling import build_model
+from panoptic_deeplab.modeling.random_weights import randomize_weights
 
 # Few center slots: the graph's export time grows with them.
 EXPORT_OVERRIDES = [*TINY_MODEL_OVERRIDES, "postprocess.top_k=8", "postprocess.stuff_area=64"]
-
-
-def randomize_weights(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """He-scaled random convolutions and unit-scale batch norms: a freshly built model zero-initialises its batch
-    norm scales, so its heatmap is flat and its label maps say nothing about parity."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
-                if module.bias is not None:
-                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-            elif isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-    return model
 
 
 @pytest.fixture(scope="session")

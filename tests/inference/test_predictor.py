@@ -364,7 +364,7 @@ def _tiny_config():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from panoptic_deeplab.config import config_to_dict
-    from panoptic_deeplab.engine.checkpoint import atomic_torch_save
+    from panoptic_deeplab.checkpoint import atomic_torch_save
     from panoptic_deeplab.modeling import build_model
 
     torch.manual_seed(0)
@@ -480,7 +480,7 @@ def test_checkpoint_predictor_runs_channels_last(tmp_path) -> None:
     """A predictor built from a checkpoint owns its model and runs it channels_last (faster on CPU), with the
     same result as the contiguous model up to float rounding."""
     from panoptic_deeplab.config import Config, ModelConfig, config_to_dict
-    from panoptic_deeplab.engine.checkpoint import atomic_torch_save
+    from panoptic_deeplab.checkpoint import atomic_torch_save
     from panoptic_deeplab.modeling import build_model
 
     cfg = Config(model=ModelConfig(backbone="mobilenetv3_small_050", pretrained=False, num_classes=3,
@@ -500,3 +500,38 @@ def test_checkpoint_predictor_runs_channels_last(tmp_path) -> None:
         want = expected[key][..., :40, :60]
         assert want.abs().max() > 0
         assert torch.allclose(got[key], want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), key
+
+
+def test_bf16_precision_runs_the_network_in_bfloat16(tmp_path) -> None:
+    from panoptic_deeplab.checkpoint import atomic_torch_save
+    from panoptic_deeplab.cli import main
+    from panoptic_deeplab.config import config_to_dict
+    from panoptic_deeplab.modeling import build_model
+    from panoptic_deeplab.modeling.random_weights import randomize_weights
+
+    cfg = _tiny_config()
+    model = randomize_weights(build_model(cfg.model))
+    path = atomic_torch_save({"model": model.state_dict(), "config": config_to_dict(cfg), "meta": META.to_json()},
+                             tmp_path / "model.pt")
+    fp32 = Predictor.from_checkpoint(path, device="cpu")
+    bf16 = Predictor.from_checkpoint(path, device="cpu", precision="bf16")
+    seen: list[torch.dtype] = []
+    conv = next(m for m in bf16.model.modules() if isinstance(m, nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    image = _scene(61, 97, DISKS)
+    a, b = bf16.predict(image), fp32.predict(image)
+    assert seen == [torch.bfloat16]
+    assert a.label_map.shape == (61, 97) and a.center.dtype == np.float32
+    # bfloat16 keeps 8 bits of mantissa: the same field, not the same numbers (random deep weights amplify it)
+    assert not np.array_equal(a.center, b.center)
+    assert np.corrcoef(a.center.ravel(), b.center.ravel())[0, 1] > 0.8
+    with pytest.raises(ValueError, match=r"precision must be one of fp32, bf16, got 'fp16'"):
+        Predictor.from_checkpoint(path, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match=r"precision bf16 needs a PyTorch model"):
+        Predictor(nn.Identity(), (fp32.model_cfg, fp32.postprocess_cfg), fp32.meta, device="cpu", precision="bf16")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(image).save(images / "a.png")
+    argv = ["predict", "--checkpoint", str(path), "--input", str(images), "--output", str(tmp_path / "out"),
+            "--precision", "bf16", "--no-pictures", "--no-progress"]
+    assert main(argv) == 0 and (tmp_path / "out" / "panoptic" / "a.png").is_file()

@@ -62,7 +62,7 @@ def convert_checkpoint(
     stride, BN epsilon, atrous rates and post-processing). A file whose tensors hold NaN or Inf is refused unless
     ``allow_nonfinite``. Nothing is written unless every tensor fits.
     """
-    from panoptic_deeplab.engine.checkpoint import atomic_torch_save, check_finite
+    from panoptic_deeplab.checkpoint import atomic_torch_save, check_finite
     from panoptic_deeplab.modeling import build_model
 
     if source not in SOURCES:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from panoptic_deeplab.engine.checkpoint import load_tensors_only
+from panoptic_deeplab.checkpoint import load_tensors_only
 from panoptic_deeplab.modeling.backbone import summarize_names
 
 from .tf_checkpoint import names_tf_checkpoint

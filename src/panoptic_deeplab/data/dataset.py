@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -91,6 +92,15 @@ class PanopticDataset(Dataset):
         self.annotations: list[PanopticAnnotation] = coco.annotations
         if not self.annotations:
             raise DatasetError(Problem(split.json, "no annotations"))
+        # An image id that repeats would silently pair annotations with the wrong image (or one image twice).
+        for what, ids in (("'images'", [im.id for im in coco.images]),
+                          ("'annotations'", [a.image_id for a in self.annotations])):
+            repeated = [(image_id, n) for image_id, n in Counter(ids).items() if n > 1]
+            if repeated:
+                image_id, count = repeated[0]
+                raise DatasetError(Problem(split.json, f"image id {image_id!r} appears {count} times in {what} "
+                                           f"({len(repeated)} repeated id(s)): each image needs one id and one "
+                                           "annotation; panoptic-deeplab validate lists them all"))
         images = coco.image_by_id()
         self.image_infos: list[ImageInfo | None] = [images.get(a.image_id) for a in self.annotations]
         self.image_paths = self._resolve_images(Path(split.images))

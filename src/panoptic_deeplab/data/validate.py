@@ -4,7 +4,7 @@ Per annotation it reports: an unreadable or truncated PNG or image, a missing fi
 between the image, the PNG and the JSON entry, PNG ids missing from ``segments_info``, ``segments_info``
 ids absent from the PNG, wrong ``area`` or ``bbox``, unknown category ids and duplicate segment ids
 (see :func:`panoptic_deeplab.data.coco_panoptic.annotation_problems`). Across the file: duplicate image
-ids, annotations without an image entry and images without an annotation.
+ids, annotations without an image entry, images without an annotation, and an empty image or annotation list.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from panoptic_deeplab.data.coco_panoptic import (
 
 def _cross_reference_problems(dataset: PanopticDataset, json_path: str) -> list[Problem]:
     problems = []
+    if not dataset.images:
+        problems.append(Problem(json_path, "'images' is empty: the split has nothing to train or evaluate on"))
+    if not dataset.annotations:
+        problems.append(Problem(json_path, "'annotations' is empty: no image has panoptic labels"))
     image_ids = Counter(im.id for im in dataset.images)
     for image_id, count in image_ids.items():
         if count > 1:

@@ -1,6 +1,6 @@
 """engine stage of panoptic_deeplab: the trainer, checkpoints and torch.distributed helpers."""
 
-from panoptic_deeplab.engine.checkpoint import CheckpointError, load_checkpoint
+from panoptic_deeplab.checkpoint import CheckpointError, load_checkpoint
 from panoptic_deeplab.engine.trainer import Trainer, TrainingDivergedError, TrainResult, poly_lr_factor, train
 
 __all__ = [

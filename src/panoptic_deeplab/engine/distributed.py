@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from panoptic_deeplab.device import resolve_device
+
 PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
 
 
@@ -62,24 +64,6 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def resolve_device(preference: str | torch.device, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``"cuda"`` -> ``cuda:LOCAL_RANK``;
-    an explicit ``"cuda:K"``, ``"cpu"`` or ``torch.device`` is used as given (checked)."""
-    if isinstance(preference, torch.device):
-        return preference
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(preference)
-    except RuntimeError:
-        raise ValueError(f"device {preference!r} is not a device (use auto, cpu, cuda or cuda:K)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {preference!r} was asked for but CUDA is not available")
-    if preference == "cuda":
-        return torch.device("cuda", local_rank)
-    return device
 
 
 def init_distributed(device_preference: str = "auto") -> DistInfo:

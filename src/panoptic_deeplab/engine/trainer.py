@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from panoptic_deeplab.config import Config, config_to_dict, save_config, validate_config
-from panoptic_deeplab.engine import checkpoint as ckpt_io
+from panoptic_deeplab import checkpoint as ckpt_io
 from panoptic_deeplab.engine.distributed import (
     DistInfo,
     barrier,

@@ -31,7 +31,7 @@ from panoptic_deeplab.data.transforms import (
     pad_to_size,
     valid_input_size,
 )
-from panoptic_deeplab.engine.distributed import resolve_device
+from panoptic_deeplab.device import resolve_device
 from panoptic_deeplab.inference.postprocess import panoptic_postprocess
 from panoptic_deeplab.inference.results import (
     PanopticPredictionWriter,
@@ -42,6 +42,10 @@ from panoptic_deeplab.inference.results import (
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+# Arithmetic of the network: "fp32" (exact, the default) or "bf16" (autocast: convolutions and matrix products in
+# bfloat16, 2-3x faster on CPUs with AVX512-BF16 / AMX and on CUDA; post-processing stays float32/float64).
+PRECISIONS = ("fp32", "bf16")
 
 
 def image_to_tensor(image: ImageInput) -> Tensor:
@@ -165,6 +169,7 @@ class Predictor:
     With more than one view, the semantic softmax probabilities, the center heatmaps and the offsets
     (converted to pixels of the original image) are averaged (SPEC §5 "TTA"); post-processing then
     receives ``log`` of the averaged probabilities, whose argmax and softmax are those of the average.
+    ``precision`` is one of :data:`PRECISIONS`: ``"bf16"`` runs the network under bfloat16 autocast.
     """
 
     def __init__(
@@ -176,6 +181,7 @@ class Predictor:
         tta_flip: bool = False,
         tta_scales: Sequence[float] = (1.0,),
         batch_size: int = 1,
+        precision: str = "fp32",
     ) -> None:
         if isinstance(cfg, Config):
             model_cfg, post_cfg = cfg.model, cfg.postprocess
@@ -191,6 +197,12 @@ class Predictor:
             raise ValueError(f"tta_scales must be positive numbers, got {list(tta_scales)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32" and not any(isinstance(p, Tensor) for p in model.parameters()):
+            raise ValueError(f"precision {precision} needs a PyTorch model (autocast); this network has no "
+                             "PyTorch weights (an exported graph runs at the precision it was exported with)")
+        self.precision = precision
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.model_cfg = model_cfg
@@ -220,7 +232,7 @@ class Predictor:
         dataset's categories as a list of COCO category dicts) unless ``meta`` is given here.
         ``postprocess`` overrides the checkpoint's post-processing settings; ``kwargs`` go to ``__init__``.
         """
-        from panoptic_deeplab.engine.checkpoint import load_checkpoint
+        from panoptic_deeplab.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(path, map_location="cpu")
         return cls.from_checkpoint_state(checkpoint, str(path), device=device, meta=meta, postprocess=postprocess,
@@ -242,8 +254,8 @@ class Predictor:
         ``cfg`` replaces the config saved in the checkpoint (e.g. ``model.output_stride=8`` at inference,
         other post-processing thresholds), as long as the weights fit its model.
         """
+        from panoptic_deeplab.checkpoint import check_finite
         from panoptic_deeplab.config import config_from_dict
-        from panoptic_deeplab.engine.checkpoint import check_finite
         from panoptic_deeplab.modeling import build_model
 
         if cfg is None:
@@ -287,7 +299,8 @@ class Predictor:
             size = (max(size[0], int(cfg.inference_size[0])), max(size[1], int(cfg.inference_size[1])))
         batch = torch.stack([pad_to_size(im, size, self._pad_fill) for im in images])
         batch = batch.contiguous(memory_format=_memory_format(self.model))
-        outputs = self.model(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            outputs = self.model(batch)
         # Offsets are in input pixels and padding is at the bottom/right: cropping needs no rescale.
         keys = ("semantic", "center", "offset")
         return [
