@@ -17,6 +17,7 @@ OMP_WAIT_POLICY=PASSIVE on a busy machine.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +72,14 @@ def _pq(predictor: Any, split: Path, folder: Path) -> float:
     json_path, png_dir = folder / "predictions.json", folder / "predictions"
     for _ in predict_folder(predictor, list_images(split / "images"), json_path, png_dir):
         pass
+    # The prediction set names images by file stem; the ground truth by its own ids: match them by file name.
+    truth = json.loads(gt_json.read_text())
+    ids = {Path(im["file_name"]).stem: im["id"] for im in truth["images"]}
+    predicted = json.loads(json_path.read_text())
+    for entry in predicted["images"] + predicted["annotations"]:
+        key = "id" if "file_name" in entry and "segments_info" not in entry else "image_id"
+        entry[key] = ids[str(entry[key])]
+    json_path.write_text(json.dumps(predicted))
     report = evaluate_panoptic_files(gt_json, split / "panoptic", json_path, png_dir, progress=False)
     return 100 * report.all.pq
 

@@ -61,6 +61,8 @@ def _cli_args(words: list[str]) -> list[str] | None:
         return words[1:]
     if words[0] == "torchrun":
         return words[words.index("panoptic_deeplab.cli") + 1 :]
+    if words[0] == "srun":  # SLURM's launcher in front of a command
+        return _cli_args(words[1:])
     return None
 
 
@@ -81,8 +83,9 @@ def test_every_readme_command_is_known_and_parses() -> None:
             if args[0] == "train" and not config.endswith(".yaml"):
                 load_config(config, parsed.overrides)  # a preset: it must exist and accept the overrides
         else:
-            # other programs the README names: torchrun's and cityscapesscripts' own entry points
-            assert words[0] in {"tensorboard", "pip"} or words[0].startswith("CITYSCAPES_DATASET="), words
+            # other programs the README names: torchrun's and cityscapesscripts' own entry points, a shell test
+            # of train's exit status in the SLURM script
+            assert words[0] in {"tensorboard", "pip", "["} or words[0].startswith("CITYSCAPES_DATASET="), words
     # commands quoted inline (`panoptic-deeplab ...`) parse too
     for inline in re.findall(r"`(panoptic-deeplab [^`]+)`", README):
         args = shlex.split(inline)[1:]

@@ -20,6 +20,7 @@ from panoptic_deeplab.filekind import check_output_dir
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: train stopped on SIGTERM/SIGUSR1 after a checkpoint; requeue with --resume auto
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, what a shell reports for `ls | head`'s ls
 
@@ -93,7 +94,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train a model (single process, or under torchrun for several GPUs / nodes)",
         description="Train with a preset or YAML config plus key=value overrides (e.g. solver.lr=5e-4). "
         "Several processes: torchrun --nproc_per_node N -m panoptic_deeplab.cli train ... "
-        "Exit status: 0 done, 1 training diverged (NaN/inf loss), 2 unusable config, data or checkpoint.",
+        "SIGTERM or SIGUSR1 (what schedulers send before a kill) writes a checkpoint at the current iteration and "
+        "exits with status 75; --resume auto then continues exactly. "
+        "Exit status: 0 done, 1 training diverged (NaN/inf loss), 2 unusable config, data or checkpoint, 75 "
+        "preempted (checkpoint written).",
     )
     p.add_argument("--config", required=True, help="preset name (e.g. synthetic_mnv3) or YAML file")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
@@ -106,9 +110,9 @@ def _run_train(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from panoptic_deeplab.config import load_config
     from panoptic_deeplab.checkpoint import CheckpointError
-    from panoptic_deeplab.engine.trainer import TrainingDivergedError, train
+    from panoptic_deeplab.config import load_config
+    from panoptic_deeplab.engine.trainer import TrainingDivergedError, TrainingPreempted, train
 
     # Under torchrun only rank 0 reports progress; the other ranks print warnings and errors.
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -123,6 +127,9 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingDivergedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+    except TrainingPreempted as exc:
+        print(f"preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -7,13 +7,16 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from panoptic_deeplab import checkpoint as ckpt_io
 from panoptic_deeplab.cli import main as cli_main
 from panoptic_deeplab.config import load_config
 from panoptic_deeplab.data.coco_panoptic import DatasetError
@@ -186,3 +189,34 @@ def test_fine_tune_from_a_checkpoint(make_cfg, tmp_path: Path) -> None:
     other = dataclasses.replace(first.model, backbone="resnet18", pretrained=False)
     with pytest.raises(CheckpointError, match="its weights belong to another architecture"):
         initialize_from(build_model(other), tmp_path / "first" / "model_0000001.pt")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_resume_continues_exactly(tiny_overrides, tmp_path, signum) -> None:
+    """A real signal to a real `train` process: checkpoint at the current iteration, exit 75, then resume to the
+    weights of an uninterrupted run."""
+    common = [*tiny_overrides, "solver.max_iter=12", "train.checkpoint_period=100", "data.num_workers=1"]
+    straight = train(load_config("synthetic_mnv3", [*common, f"train.output_dir={tmp_path / 'straight'}"]))
+    out = tmp_path / "preempted"
+    command = [sys.executable, "-m", "panoptic_deeplab.cli", "train", "--config", "synthetic_mnv3", *common,
+               "--output-dir", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and process.poll() is None:
+        assert time.monotonic() < deadline, "training never logged"
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75, stderr
+    (stopped_at, saved), = ckpt_io.list_checkpoints(out)
+    assert 2 <= stopped_at < 12
+    name = signal.Signals(signum).name
+    assert f"preempted: {name} received: stopped at iteration {stopped_at}, checkpoint {saved} written; " \
+           "continue with --resume auto" in stderr
+    resumed = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(tmp_path / "straight" / "model_0000012.pt")["model"]
+    b = load_checkpoint(out / "model_0000012.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.weights_digest in resumed.stderr + resumed.stdout

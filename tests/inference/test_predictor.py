@@ -518,9 +518,13 @@ def test_bf16_precision_runs_the_network_in_bfloat16(tmp_path) -> None:
     seen: list[torch.dtype] = []
     conv = next(m for m in bf16.model.modules() if isinstance(m, nn.Conv2d))
     conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    for head in (bf16.model.center_head, bf16.model.offset_head, bf16.model.semantic_head):
+        head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     image = _scene(61, 97, DISKS)
     a, b = bf16.predict(image), fp32.predict(image)
-    assert seen == [torch.bfloat16]
+    # (hooks in call order: a backbone conv, the semantic head, the center and offset heads) the instance heads
+    # stay float32: grouping reads their peaks and pixel-scale offsets
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
     assert a.label_map.shape == (61, 97) and a.center.dtype == np.float32
     # bfloat16 keeps 8 bits of mantissa: the same field, not the same numbers (random deep weights amplify it)
     assert not np.array_equal(a.center, b.center)

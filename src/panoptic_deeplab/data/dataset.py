@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -207,6 +208,10 @@ class TrainSampler(Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:
+    # A scheduler's preemption signal reaches every process of the job: the trainer saves and stops on it, and
+    # shuts its workers down itself; a worker dying of it first would end the run without that checkpoint.
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     # torch seeds each worker from the loader's generator; derive numpy's and random's from it so
     # any library randomness in a worker is reproducible too.
     worker_seed = torch.initial_seed() % 2**32

@@ -1,13 +1,21 @@
 """engine stage of panoptic_deeplab: the trainer, checkpoints and torch.distributed helpers."""
 
 from panoptic_deeplab.checkpoint import CheckpointError, load_checkpoint
-from panoptic_deeplab.engine.trainer import Trainer, TrainingDivergedError, TrainResult, poly_lr_factor, train
+from panoptic_deeplab.engine.trainer import (
+    Trainer,
+    TrainingDivergedError,
+    TrainingPreempted,
+    TrainResult,
+    poly_lr_factor,
+    train,
+)
 
 __all__ = [
     "CheckpointError",
     "Trainer",
     "TrainResult",
     "TrainingDivergedError",
+    "TrainingPreempted",
     "load_checkpoint",
     "poly_lr_factor",
     "train",

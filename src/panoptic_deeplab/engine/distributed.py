@@ -150,6 +150,15 @@ def reduce_mean(values: dict[str, torch.Tensor], info: DistInfo) -> dict[str, fl
     return dict(zip(keys, stacked.tolist()))
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective: every rank must call it)."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if not info.distributed:

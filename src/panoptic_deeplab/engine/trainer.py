@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,10 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from panoptic_deeplab.config import Config, config_to_dict, save_config, validate_config
 from panoptic_deeplab import checkpoint as ckpt_io
+from panoptic_deeplab.config import Config, config_to_dict, save_config, validate_config
 from panoptic_deeplab.engine.distributed import (
     DistInfo,
+    any_rank,
     barrier,
     broadcast_buffers,
     broadcast_object,
@@ -47,6 +50,43 @@ from panoptic_deeplab.engine.distributed import (
 logger = logging.getLogger("panoptic_deeplab.train")
 
 LOSS_TERMS = ("total", "semantic", "center", "offset")
+
+
+# What schedulers send before they kill a job (SLURM: --signal=USR1@120 or its SIGTERM at the time limit).
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingPreempted(RuntimeError):
+    """Training stopped on a preemption signal after writing a checkpoint at the current iteration."""
+
+    def __init__(self, signal_name: str, iteration: int, checkpoint: Path | None) -> None:
+        self.signal_name, self.iteration, self.checkpoint = signal_name, iteration, checkpoint
+        where = f"checkpoint {checkpoint} written" if checkpoint is not None else "checkpoint written by rank 0"
+        super().__init__(f"{signal_name} received: stopped at iteration {iteration}, {where}; continue with "
+                         "--resume auto")
+
+
+class _StopRequest:
+    """Records a preemption signal while training runs (handlers only in the main thread, restored after)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in PREEMPTION_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            logger.warning("%s received: saving a checkpoint after the current iteration", self.signal_name)
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -380,7 +420,7 @@ class Trainer:
                 self.iteration, s.max_iter, self.device, self.dist.world_size, images_per_step,
             )
         try:
-            with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+            with logging_redirect_tqdm(), _StopRequest() as stop:  # log lines above the progress bar
                 while self.iteration < s.max_iter:
                     lr = self.optimizer.param_groups[0]["lr"]
                     losses = self._step(stream)
@@ -404,8 +444,15 @@ class Trainer:
                     # Evaluate before checkpointing, so that the checkpoint carries the updated best metric.
                     if t.eval_period > 0 and (self.iteration % t.eval_period == 0 or self.iteration == s.max_iter):
                         self._run_evaluation()
-                    if self.iteration % t.checkpoint_period == 0 or self.iteration == s.max_iter:
+                    saved = self.iteration % t.checkpoint_period == 0 or self.iteration == s.max_iter
+                    if saved:
                         self.save_checkpoint()
+                    # Every rank stops at the same iteration when any of them was signalled.
+                    if any_rank(stop.signal_name is not None, self.dist):
+                        if not saved:
+                            self.save_checkpoint()
+                        raise TrainingPreempted(stop.signal_name or "a preemption signal on another rank",
+                                                self.iteration, self.last_checkpoint if self.is_main else None)
                     if window_iters == 0:  # the throughput window starts after logging, evaluating, saving
                         window_start = time.perf_counter()
         finally:
