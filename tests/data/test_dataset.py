@@ -1,5 +1,7 @@
 import itertools
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +210,22 @@ def test_eval_loader_and_collate_pad_to_the_largest(root):
 def test_loader_checks_the_number_of_classes(root):
     with pytest.raises(ValueError, match="model.num_classes=7"):
         build_train_loader(_cfg(root, "model.num_classes=19"))
+
+
+def test_interpreter_exits_with_a_loader_and_its_workers_still_alive(root):
+    # The workers ignore SIGTERM (preemption is the trainer's to handle), and multiprocessing's exit hook stops
+    # them with SIGTERM and then waits without a timeout: the exit hung forever (CI ran into its time limit).
+    paths = [f"data.{s}.{k}={getattr(_split(root, s), k)}" for s in ("train", "val") for k in ("images", "json", "panoptic")]
+    script = (
+        "import sys\n"
+        "from panoptic_deeplab.config import load_config\n"
+        "from panoptic_deeplab.data.dataset import build_train_loader\n"
+        "cfg = load_config('synthetic_mnv3', sys.argv[1:])\n"
+        "batches = iter(build_train_loader(cfg, seed=0))\n"
+        "next(batches)\n"
+        "print('one batch', flush=True)\n"
+    )
+    overrides = [*paths, "data.crop_size=[33,49]", "data.batch_size=2", "data.num_workers=2", "train.device=cpu"]
+    done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "one batch\n"

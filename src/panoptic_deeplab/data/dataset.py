@@ -11,9 +11,13 @@ without loading them: see :func:`iterate_batches`.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit hook before ours (see _kill_workers_left_at_exit)
 import os
 import random
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -217,6 +221,27 @@ def _seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+@atexit.register
+def _stop_workers_left_at_exit(grace_s: float = 1.0) -> None:
+    """Stop the daemonic children still alive when the interpreter exits, killing those that ignore SIGTERM.
+
+    Our loader workers ignore SIGTERM (see ``_seed_worker``), and torch leaves the workers of a loader still
+    alive at exit (persistent workers, an iterator kept by a traceback) to multiprocessing's exit hook, which
+    sends SIGTERM to every daemonic child and then joins it without a timeout: the exit would hang forever.
+    This hook does what that one does with a bounded wait, then SIGKILL. atexit runs hooks last in, first out:
+    this one, registered after multiprocessing's, runs before it.
+    """
+    children = [process for process in multiprocessing.active_children() if process.daemon]
+    for process in children:
+        process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in children:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _uses_cuda(device: str) -> bool:
