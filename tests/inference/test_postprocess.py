@@ -104,9 +104,15 @@ def ref_postprocess(logits: np.ndarray, heat: np.ndarray, offset: np.ndarray, th
 
 
 def assert_matches_reference(logits, heat, offset, thing_ids, cfg):
-    """Our batch output equals the reference image by image, pixel for pixel."""
+    """Our batch output, with each backend, equals the reference image by image, pixel for pixel."""
+    for backend in ("torch", "compiled"):
+        preds = _assert_backend_matches_reference(logits, heat, offset, thing_ids, cfg, backend)
+    return preds
+
+
+def _assert_backend_matches_reference(logits, heat, offset, thing_ids, cfg, backend):
     preds = panoptic_postprocess(
-        torch.from_numpy(logits), torch.from_numpy(heat), torch.from_numpy(offset), thing_ids, cfg
+        torch.from_numpy(logits), torch.from_numpy(heat), torch.from_numpy(offset), thing_ids, cfg, backend=backend
     )
     assert len(preds) == logits.shape[0]
     for n, pred in enumerate(preds):
@@ -342,8 +348,9 @@ def test_void_channel_is_deeplab2s_void_stuff_class(seed):
     logits[:, 0, :3, :3] = logits[:, 1:, :3, :3].max(axis=1)  # exact ties: argmax takes channel 0 (void)
     cfg = PostProcessConfig(center_threshold=0.5, nms_kernel=3, top_k=20, stuff_area=40)
     thing_ids = [3, 4, 5]
+    backend = ("torch", "compiled")[seed % 2]
     preds = panoptic_postprocess(torch.from_numpy(logits), torch.from_numpy(heat), torch.from_numpy(offset),
-                                 thing_ids, cfg, void_channel=True)
+                                 thing_ids, cfg, void_channel=True, backend=backend)
     void_last = np.concatenate([logits[:, 1:], logits[:, :1]], axis=1)
     void_last[:, 6, :3, :3] += 1e-3  # the reference's argmax would give the ties to the real class
     for n, pred in enumerate(preds):
@@ -450,3 +457,77 @@ def test_group_property_equals_brute_force(
         patch.setattr(postprocess, "_MIN_CHUNK_POINTS", 1)
         instance = group_pixels(torch.from_numpy(thing), torch.from_numpy(centers), torch.from_numpy(offset))
     np.testing.assert_array_equal(instance.numpy(), expected)
+
+
+def _assert_same_predictions(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.label_map, y.label_map) and torch.equal(x.semantic, y.semantic)
+        assert torch.equal(x.centers, y.centers) and torch.equal(x.center_scores, y.center_scores)
+        for field in ("ids", "classes", "boxes", "areas", "center_index"):
+            assert torch.equal(getattr(x.instances, field), getattr(y.instances, field)), field
+        torch.testing.assert_close(x.instances.scores, y.instances.scores, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 2),
+    height=st.integers(1, 48),
+    width=st.integers(1, 48),
+    classes=st.integers(2, 8),
+    top_k=st.integers(1, 40),
+    log_magnitude=st.floats(-1, 8),
+    integer_offsets=st.booleans(),
+    void_channel=st.booleans(),
+    nan_logits=st.booleans(),
+)
+def test_compiled_backend_equals_torch_backend(
+    seed, batch, height, width, classes, top_k, log_magnitude, integer_offsets, void_channel, nan_logits
+):
+    """The numba kernels give the torch version's maps and instances on random maps: logit ties and NaNs
+    (argmax), exact distance ties, offsets far off the image, a void channel, images with no center."""
+    rng = np.random.default_rng(seed)
+    logits = np.round(rng.standard_normal((batch, classes, height, width)) * 2) / 2  # many ties
+    if nan_logits:
+        logits[rng.random(logits.shape) < 0.05] = np.nan
+    heat = rng.random((batch, 1, height, width)) * rng.choice([0.0, 1.0], size=(batch, 1, 1, 1))
+    offset = rng.standard_normal((batch, 2, height, width)) * 10.0**log_magnitude
+    if integer_offsets:
+        offset = np.round(offset)
+    thing_ids = sorted(rng.choice(classes - int(void_channel), size=rng.integers(0, classes - int(void_channel)) + 1,
+                                  replace=False).tolist())
+    cfg = PostProcessConfig(center_threshold=0.5, nms_kernel=3, top_k=top_k, stuff_area=int(rng.integers(1, 50)))
+    inputs = [torch.from_numpy(a.astype(np.float32)) for a in (logits, heat, offset)]
+    expected = panoptic_postprocess(*inputs, thing_ids, cfg, void_channel=void_channel, backend="torch")
+    actual = panoptic_postprocess(*inputs, thing_ids, cfg, void_channel=void_channel, backend="compiled")
+    _assert_same_predictions(actual, expected)
+
+
+def test_compiled_backend_threads_and_errors():
+    logits, heat, offset = (torch.from_numpy(a) for a in _blobs_case(4))
+    cfg = PostProcessConfig(center_threshold=0.5, stuff_area=30)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = panoptic_postprocess(logits, heat, offset, [3, 4, 5], cfg, backend="compiled")
+    finally:
+        torch.set_num_threads(threads)
+    assert len(one_thread[0].instances) > 0
+    _assert_same_predictions(panoptic_postprocess(logits, heat, offset, [3, 4, 5], cfg, backend="compiled"), one_thread)
+    # bfloat16 outputs (bf16 inference) are read exactly as float32.
+    _assert_same_predictions(
+        panoptic_postprocess(logits.bfloat16(), heat, offset.bfloat16(), [3, 4, 5], cfg, backend="compiled"),
+        panoptic_postprocess(logits.bfloat16(), heat, offset.bfloat16(), [3, 4, 5], cfg, backend="torch"),
+    )
+    bad = offset.clone()
+    bad[0, :, 5, 5] = float("nan")
+    thing = np.isin(panoptic_postprocess(logits, heat, offset, [3, 4, 5], cfg)[0].semantic.numpy(), [3, 4, 5])
+    bad[0, :, thing] = float("nan")
+    for backend in ("torch", "compiled"):
+        with pytest.raises(ValueError, match=r"offset contains non-finite values \(nan/inf\) at thing pixels"):
+            panoptic_postprocess(logits, heat, bad, [3, 4, 5], cfg, backend=backend)
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, compiled, got 'numba'"):
+        panoptic_postprocess(logits, heat, offset, [3, 4, 5], cfg, backend="numba")
+    with pytest.raises(ValueError, match="the compiled backend runs float32/16 tensors on the CPU, got torch.float64"):
+        panoptic_postprocess(logits.double(), heat, offset, [3, 4, 5], cfg, backend="compiled")

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -312,6 +313,69 @@ class _Merged:
     center_index: Tensor  # [M] 0-based index of the center that formed it
 
 
+@dataclass
+class _MergeTables:
+    """The merge as lookup tables: the label of each instance's and each stuff class's pixels."""
+
+    instance_labels: Tensor  # [K + 1] label of the thing pixels of instance k (row 0: no center -> void)
+    stuff_labels: Tensor  # [classes] label of the pixels of each class that are not thing pixels
+    kept: Tensor  # [M] 0-based center index of the instances that got pixels
+    classes: Tensor  # [M] their majority class
+    numbers: Tensor  # [M] their per-class number (1..)
+    areas: Tensor  # [M]
+
+
+def _check_label_space(num_centers: int, num_classes: int, label_divisor: int, void_label: int) -> None:
+    if num_centers >= label_divisor:
+        raise ValueError(
+            f"{num_centers} centers could number instances past label_divisor={label_divisor}; "
+            "lower top_k or raise label_divisor"
+        )
+    if 0 <= void_label < num_classes * label_divisor:
+        raise ValueError(
+            f"void_label={void_label} collides with real labels [0, {num_classes * label_divisor}) "
+            f"of {num_classes} classes with label_divisor={label_divisor}"
+        )
+
+
+def _merge_tables(
+    votes: Tensor,
+    class_areas: Tensor,
+    label_divisor: int,
+    stuff_area: int,
+    void_label: int,
+    void_class: int | None,
+) -> _MergeTables:
+    """Majority vote, per-class numbering and the stuff area filter from the counts (SPEC §5).
+
+    ``votes`` [K + 1, classes]: thing pixels per (instance, class), row 0 = no center; ``class_areas``
+    [classes]: pixels per class. ``void_class``: a stuff class whose pixels are void whatever their area.
+    """
+    num_classes = class_areas.numel()
+    device = votes.device
+    votes = votes[1:]
+    areas = votes.sum(dim=1)
+    majority = votes.argmax(dim=1)  # first maximum: ties go to the smaller class id
+    kept = (areas > 0).nonzero().squeeze(1)  # a center may attract no thing pixel
+    kept_classes = majority[kept]
+    # Per-class running count in center order: numbers 1, 2, ... for each class.
+    one_hot = F.one_hot(kept_classes, num_classes).cumsum(dim=0)
+    numbers = one_hot.gather(1, kept_classes[:, None]).squeeze(1)
+    instance_labels = torch.full((votes.shape[0] + 1,), void_label, dtype=torch.long, device=device)
+    # Thing pixels with instance 0 (no center at all) stay void: SPEC §5, the Python references' behaviour.
+    instance_labels[kept + 1] = kept_classes * label_divisor + numbers
+    # SPEC §9.12: a stuff region is kept when its area >= stuff_area (the Python references), else void.
+    # Thing classes get a value here too, but all their pixels take the instance labels.
+    stuff_labels = torch.where(
+        class_areas >= stuff_area,
+        torch.arange(num_classes, device=device) * label_divisor,
+        torch.tensor(void_label, device=device),
+    )
+    if void_class is not None:
+        stuff_labels[void_class] = void_label
+    return _MergeTables(instance_labels, stuff_labels, kept, kept_classes, numbers, areas[kept])
+
+
 def _merge_flat(
     semantic_flat: Tensor,
     thing_idx: Tensor,
@@ -323,49 +387,17 @@ def _merge_flat(
     void_label: int,
     void_class: int | None = None,
 ) -> _Merged:
-    """Majority vote + per-class numbering + stuff area filter, O(pixels) with bincount (SPEC §5).
-
-    ``void_class``: a stuff class whose pixels are void whatever their area (a semantic void channel)."""
+    """Majority vote + per-class numbering + stuff area filter, O(pixels) with bincount (SPEC §5)."""
     num_classes = is_thing.numel()
-    if num_centers >= label_divisor:
-        raise ValueError(
-            f"{num_centers} centers could number instances past label_divisor={label_divisor}; "
-            "lower top_k or raise label_divisor"
-        )
-    if 0 <= void_label < num_classes * label_divisor:
-        raise ValueError(
-            f"void_label={void_label} collides with real labels [0, {num_classes * label_divisor}) "
-            f"of {num_classes} classes with label_divisor={label_divisor}"
-        )
-    device = semantic_flat.device
+    _check_label_space(num_centers, num_classes, label_divisor, void_label)
     key = semantic_flat.index_select(0, thing_idx).add_(instance_ids * num_classes)  # (instance, class) pairs
-    votes = torch.bincount(key, minlength=(num_centers + 1) * num_classes)
+    votes = torch.bincount(key, minlength=(num_centers + 1) * num_classes).view(num_centers + 1, num_classes)
     del key
-    votes = votes.view(num_centers + 1, num_classes)[1:]
-    areas = votes.sum(dim=1)
-    majority = votes.argmax(dim=1)  # first maximum: ties go to the smaller class id
-    kept = (areas > 0).nonzero().squeeze(1)  # a center may attract no thing pixel
-    kept_classes = majority[kept]
-    # Per-class running count in center order: numbers 1, 2, ... for each class.
-    one_hot = F.one_hot(kept_classes, num_classes).cumsum(dim=0)
-    numbers = one_hot.gather(1, kept_classes[:, None]).squeeze(1)
-    instance_lut = torch.full((num_centers + 1,), void_label, dtype=torch.long, device=device)
-    # Thing pixels with instance 0 (no center at all) stay void: SPEC §5, the Python references' behaviour.
-    instance_lut[kept + 1] = kept_classes * label_divisor + numbers
-
     class_areas = torch.bincount(semantic_flat, minlength=num_classes)
-    # SPEC §9.12: a stuff region is kept when its area >= stuff_area (the Python references), else void.
-    # Thing classes get a value here too, but all their pixels are overwritten by the instance labels below.
-    stuff_lut = torch.where(
-        class_areas >= stuff_area,
-        torch.arange(num_classes, device=device) * label_divisor,
-        torch.tensor(void_label, device=device),
-    )
-    if void_class is not None:
-        stuff_lut[void_class] = void_label
-    label_flat = stuff_lut[semantic_flat]
-    label_flat[thing_idx] = instance_lut[instance_ids]
-    return _Merged(label_flat, kept_classes, numbers, areas[kept], kept)
+    tables = _merge_tables(votes, class_areas, label_divisor, stuff_area, void_label, void_class)
+    label_flat = tables.stuff_labels[semantic_flat]
+    label_flat[thing_idx] = tables.instance_labels[instance_ids]
+    return _Merged(label_flat, tables.classes, tables.numbers, tables.areas, tables.kept)
 
 
 def merge_semantic_and_instance(
@@ -465,6 +497,92 @@ def _instance_scores_boxes(
     return scores, boxes
 
 
+# Row / pixel chunks of the compiled kernels, each with its own accumulators: a fixed number, so that the
+# float sums (scores) do not depend on the number of threads.
+_COMPILED_CHUNKS = 64
+BACKENDS = ("auto", "torch", "compiled")
+
+
+def _use_compiled(backend: str, semantic_logits: Tensor) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return False
+    # float64 logits would round in the kernels' float32; other devices run the torch version.
+    fits = semantic_logits.device.type == "cpu" and semantic_logits.dtype != torch.float64
+    if backend == "compiled" and not fits:
+        raise ValueError(f"the compiled backend runs float32/16 tensors on the CPU, got "
+                         f"{semantic_logits.dtype} on {semantic_logits.device}")
+    return fits
+
+
+def _postprocess_compiled(
+    logits: Tensor,
+    centers: Tensor,
+    center_scores: Tensor,
+    offset: Tensor,
+    is_thing: Tensor,
+    label_divisor: int,
+    stuff_area: int,
+    void_label: int,
+    void_class: int | None,
+) -> tuple[Tensor, Tensor, _MergeTables, Tensor, Tensor]:
+    """One image through the numba kernels (:mod:`.cpu_kernels`): the torch version's results.
+
+    Returns the flat label map, the flat semantic map, the merge tables, and the kept instances' scores
+    and boxes.
+    """
+    import numba
+
+    from panoptic_deeplab.inference import cpu_kernels
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    channels, height, width = logits.shape
+    num_classes = is_thing.numel()
+    num_centers = centers.shape[0]
+    _check_label_space(num_centers, num_classes, label_divisor, void_label)
+    logits_np = logits.detach().float().contiguous().view(channels, -1).numpy()
+    offset_np = offset.detach().float().contiguous().view(2, -1).numpy()
+    is_thing_np = is_thing.numpy()
+    pixels = height * width
+    semantic = torch.empty(pixels, dtype=torch.long)
+    instance = torch.empty(pixels, dtype=torch.long)
+    chunks = min(_COMPILED_CHUNKS, height)
+    votes = np.zeros((chunks, num_centers + 1, num_classes), dtype=np.int64)
+    if num_centers:
+        table = _build_table(centers, height, width)
+        grid = (table.cell_size, table.ny, table.nx, table.counts.numpy(), table.index.numpy(), table.y.numpy(),
+                table.x.numpy(), table.cy.numpy(), table.cx.numpy())
+    else:  # no center: no thing pixel is grouped, the table is never read
+        empty_long, empty_float = np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1))
+        grid = (1, 0, 0, empty_long[0], empty_long, empty_float, empty_float, empty_float[0, :0], empty_float[0, :0])
+    non_finite = cpu_kernels.classify_and_group(
+        logits_np, offset_np, height, width, is_thing_np, void_class is not None, *grid,
+        semantic.numpy(), instance.numpy(), votes,
+    )
+    if non_finite:
+        raise ValueError("offset contains non-finite values (nan/inf) at thing pixels")
+    total_votes = torch.from_numpy(votes.sum(axis=0))
+    tables = _merge_tables(total_votes, total_votes.sum(dim=0), label_divisor, stuff_area, void_label, void_class)
+    rows = tables.kept + 1
+    instance_channel = torch.full((num_centers + 1,), -1, dtype=torch.long)
+    instance_channel[rows] = tables.classes + int(void_class is not None)
+    label = torch.empty(pixels, dtype=torch.long)
+    probability_sums = np.zeros((chunks, num_centers + 1))
+    boxes = np.empty((chunks, num_centers + 1, 4), dtype=np.int64)
+    boxes[..., :2], boxes[..., 2:] = np.iinfo(np.int64).max, -1
+    cpu_kernels.label_and_measure(
+        logits_np, semantic.numpy(), instance.numpy(), width, is_thing_np, tables.stuff_labels.numpy(),
+        tables.instance_labels.numpy(), instance_channel.numpy(), label.numpy(), probability_sums, boxes,
+    )
+    mean_probability = torch.from_numpy(probability_sums.sum(axis=0))[rows] / tables.areas.double()
+    scores = (center_scores[tables.kept].double() * mean_probability).float()
+    corners = torch.from_numpy(np.concatenate([boxes[..., :2].min(axis=0), boxes[..., 2:].max(axis=0)], axis=1))
+    kept_boxes = corners[rows].float()
+    kept_boxes[:, 2:] += 1  # exclusive x1/y1, as the torch version
+    return label, semantic, tables, scores, kept_boxes
+
+
 def panoptic_postprocess(
     semantic_logits: Tensor,
     center: Tensor,
@@ -474,6 +592,7 @@ def panoptic_postprocess(
     label_divisor: int = LABEL_DIVISOR,
     void_label: int = VOID_LABEL,
     void_channel: bool = False,
+    backend: str = "auto",
 ) -> list[PanopticPrediction]:
     """Full post-processing of a batch of model outputs (SPEC §5), one :class:`PanopticPrediction` each.
 
@@ -502,34 +621,44 @@ def panoptic_postprocess(
             "lower top_k or raise label_divisor"
         )
     is_thing = _thing_lookup(thing_ids, num_classes, semantic_logits.device)
-    # max(dim).indices gives the first maximum like argmax, and is ~10x faster than argmax over dim 1 on CPU.
-    semantic = semantic_logits.max(dim=1).indices
+    compiled = _use_compiled(backend, semantic_logits)
     void_class = None
     if void_channel:  # void becomes the stuff class num_classes, after the real ones
         void_class = num_classes
-        semantic = torch.where(semantic == 0, num_classes, semantic - 1)
         is_thing = torch.cat([is_thing, is_thing.new_zeros(1)])
+    if not compiled:
+        # max(dim).indices gives the first maximum like argmax, and is ~10x faster than argmax over dim 1 on CPU.
+        semantic = semantic_logits.max(dim=1).indices
+        if void_channel:
+            semantic = torch.where(semantic == 0, num_classes, semantic - 1)
     centers, center_scores = find_instance_centers(center, cfg.center_threshold, cfg.nms_kernel, cfg.top_k)
     predictions = []
     for n in range(batch):
-        semantic_flat = semantic[n].reshape(-1)
-        thing_idx = is_thing[semantic_flat].nonzero().squeeze(1)
-        instance_ids = _group_flat(thing_idx, centers[n], offset[n])
-        merged = _merge_flat(
-            semantic_flat,
-            thing_idx,
-            instance_ids,
-            centers[n].shape[0],
-            is_thing,
-            label_divisor,
-            cfg.stuff_area,
-            void_label,
-            void_class,
-        )
+        if compiled:
+            label_flat, semantic_flat, tables, scores, boxes = _postprocess_compiled(
+                semantic_logits[n], centers[n], center_scores[n], offset[n], is_thing, label_divisor,
+                cfg.stuff_area, void_label, void_class,
+            )
+            merged = _Merged(label_flat, tables.classes, tables.numbers, tables.areas, tables.kept)
+        else:
+            semantic_flat = semantic[n].reshape(-1)
+            thing_idx = is_thing[semantic_flat].nonzero().squeeze(1)
+            instance_ids = _group_flat(thing_idx, centers[n], offset[n])
+            merged = _merge_flat(
+                semantic_flat,
+                thing_idx,
+                instance_ids,
+                centers[n].shape[0],
+                is_thing,
+                label_divisor,
+                cfg.stuff_area,
+                void_label,
+                void_class,
+            )
+            scores, boxes = _instance_scores_boxes(
+                semantic_logits[n], thing_idx, instance_ids, merged, center_scores[n], int(void_channel)
+            )
         label_map = merged.label_flat.view(height, width)
-        scores, boxes = _instance_scores_boxes(
-            semantic_logits[n], thing_idx, instance_ids, merged, center_scores[n], int(void_channel)
-        )
         instances = Instances(
             label_map=label_map,
             ids=merged.classes * label_divisor + merged.numbers,
@@ -539,8 +668,9 @@ def panoptic_postprocess(
             areas=merged.areas,
             center_index=merged.center_index,
         )
-        semantic_map = semantic[n] if void_class is None else semantic[n].masked_fill(semantic[n] == void_class,
-                                                                                       IGNORE_LABEL)
+        semantic_map = semantic_flat.view(height, width)
+        if void_class is not None:
+            semantic_map = semantic_map.masked_fill(semantic_map == void_class, IGNORE_LABEL)
         predictions.append(
             PanopticPrediction(label_map, semantic_map, centers[n], center_scores[n], instances)
         )
