@@ -1,6 +1,6 @@
 """End-to-end inference on the CPU: image -> panoptic label map with PyTorch (eager NCHW, channels_last) and with
 the exported ONNX graphs under ONNX Runtime (the network with PyTorch post-processing around it, and the whole
-pipeline in one graph), for MobileNetV3-L and ResNet-50 at 1025x2049.
+pipeline in one graph; fp32, and int8 by ``quantize``), for MobileNetV3-L and ResNet-50 at 1025x2049.
 
     .venv/bin/python benchmarks/bench_inference.py [--size 1024x2048] [--repeats 2] [--presets cityscapes_mnv3 ...]
         [--pq-checkpoint demo_output/train/model_final.pt --pq-split demo_output/data/val]
@@ -10,7 +10,8 @@ these give many, up to ``top_k`` = 200). Per preset and runtime: the best
 of ``--repeats`` runs of ``predict`` (padding, network, post-processing, result) after a warm-up, the ratio to
 eager PyTorch, and the share of pixels whose label equals eager PyTorch's (float noise can flip a tie). Needs
 the 'export' extra. With ``--pq-checkpoint`` (a model trained on the synthetic dataset, e.g. by ``make demo``)
-it also prints each runtime's PQ on the synthetic val split and its difference to fp32. Set
+it also prints each runtime's PQ on the synthetic val split and its difference to fp32 (int8 calibrated on 8
+images of the train split beside it). Set
 OMP_WAIT_POLICY=PASSIVE on a busy machine.
 """
 
@@ -21,7 +22,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from panoptic_deeplab.checkpoint import atomic_torch_save
 from panoptic_deeplab.config import config_to_dict, load_config
 from panoptic_deeplab.data.metadata import dataset_meta
 from panoptic_deeplab.evaluation import evaluate_panoptic_files
-from panoptic_deeplab.export import export_onnx, onnx_predictor
+from panoptic_deeplab.export import export_onnx, onnx_predictor, quantize_onnx
 from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
 from panoptic_deeplab.modeling import build_model
 from panoptic_deeplab.modeling.random_weights import randomize_weights
@@ -51,10 +52,13 @@ def _best(predictor: Predictor, image: np.ndarray, repeats: int) -> tuple[float,
     return min(times), label_map
 
 
-def _runtimes(checkpoint: Path, folder: Path) -> dict[str, Any]:
-    """Every way this project runs ``checkpoint``, each a predictor with ``predict`` / ``predict_batch``."""
+def _runtimes(checkpoint: Path, folder: Path, calibration: Sequence[Any]) -> dict[str, Any]:
+    """Every way this project runs ``checkpoint``, each a predictor with ``predict`` / ``predict_batch``; the int8
+    files are calibrated on ``calibration`` images."""
     network = export_onnx(checkpoint, folder / "network.onnx", postprocess=False)
     pipeline = export_onnx(checkpoint, folder / "pipeline.onnx")
+    network_int8 = quantize_onnx(network.path, folder / "network_int8.onnx", calibration)
+    pipeline_int8 = quantize_onnx(pipeline.path, folder / "pipeline_int8.onnx", calibration)
     eager = Predictor.from_checkpoint(checkpoint, device="cpu")
     eager.model = eager.model.to(memory_format=torch.contiguous_format)
     return {
@@ -63,6 +67,8 @@ def _runtimes(checkpoint: Path, folder: Path) -> dict[str, Any]:
         "PyTorch bf16 autocast": Predictor.from_checkpoint(checkpoint, device="cpu", precision="bf16"),
         "ORT fp32 network": onnx_predictor(network.path),
         "ORT fp32 whole pipeline": onnx_predictor(pipeline.path),
+        "ORT int8 network": onnx_predictor(network_int8.path),
+        "ORT int8 whole pipeline": onnx_predictor(pipeline_int8.path),
     }
 
 
@@ -103,7 +109,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = atomic_torch_save({"model": model.state_dict(), "config": config_to_dict(cfg),
                                             "meta": dataset_meta("cityscapes").to_json()}, Path(tmp) / "model.pt")
-            runs = _runtimes(checkpoint, Path(tmp))
+            runs = _runtimes(checkpoint, Path(tmp), [image])
             results = {name: _best(predictor, image, args.repeats) for name, predictor in runs.items()}
             centers = len(runs["PyTorch channels_last"].predict(image).centers)
         print(f"{preset}: {centers} centers detected")
@@ -117,7 +123,10 @@ def main() -> None:
         print(f"\nPQ on {args.pq_split} of {args.pq_checkpoint}")
         with tempfile.TemporaryDirectory() as tmp:
             pqs = {}
-            for name, predictor in _runtimes(args.pq_checkpoint, Path(tmp)).items():
+            # Calibrated on training images where the split has them beside it, as a user would.
+            train_images = args.pq_split.parent / "train" / "images"
+            calibration = list_images(train_images if train_images.is_dir() else args.pq_split / "images")[:8]
+            for name, predictor in _runtimes(args.pq_checkpoint, Path(tmp), calibration).items():
                 folder = Path(tmp) / name.replace(" ", "_")
                 pqs[name] = _pq(predictor, args.pq_split, folder)
                 print(f"{name:24s} PQ {pqs[name]:6.2f} ({pqs[name] - pqs['PyTorch eager (NCHW)']:+.2f})", flush=True)

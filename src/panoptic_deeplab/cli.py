@@ -66,6 +66,62 @@ def _run_make_synthetic(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CONVERT_DATASET_SOURCES = {"semantic-instance": ("--semantic", "--instance"), "label-map": ("--labels",)}
+
+
+def _add_convert_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert-dataset",
+        help="labelled data in another form -> a COCO panoptic split (then validate, train)",
+        description="Writes OUT/<split>/images (links to your images, or copies), OUT/<split>/panoptic/*.png and "
+        "OUT/<split>/panoptic_<split>.json with area, bbox and iscrowd, then validates the split. Sources: "
+        "semantic-instance (a semantic PNG of category ids and an instance PNG per image, named like the image: "
+        "--semantic DIR --instance DIR) and label-map (class * divisor + instance per pixel: --labels DIR, 16-bit "
+        "PNG, 32-bit TIFF or .npy). Stuff classes give one segment per image, each (thing class, instance id > 0) "
+        "one instance, thing pixels with instance 0 the class's crowd region; --ignore-label is void. Exit status: "
+        "0 written and valid, 1 written with problems (listed), 2 unusable input (the message names the file).",
+    )
+    p.add_argument("--from", dest="source", required=True, choices=sorted(CONVERT_DATASET_SOURCES))
+    p.add_argument("--images", required=True, help="folder of the images")
+    p.add_argument("--categories", required=True,
+                   help="YAML or JSON list of categories: id, name, isthing (1 thing, 0 stuff), optional color")
+    p.add_argument("--out", required=True, help="output directory OUT")
+    p.add_argument("--split", default="train", help="split name (default train)")
+    p.add_argument("--semantic", help="semantic-instance: folder of semantic maps (category id per pixel)")
+    p.add_argument("--instance", help="semantic-instance: folder of instance maps (instance id per pixel)")
+    p.add_argument("--labels", help="label-map: folder of label maps (class * divisor + instance)")
+    p.add_argument("--label-divisor", type=int, default=1000, help="label-map: the divisor (default 1000)")
+    p.add_argument("--ignore-label", type=int, default=255, help="the class value that means void (default 255)")
+    p.add_argument("--copy-images", action="store_true", help="copy the images instead of linking them")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _run_convert_dataset(args: argparse.Namespace) -> int:
+    from panoptic_deeplab.data.converters import convert_label_maps, convert_semantic_instance
+    from panoptic_deeplab.data.validate import summarize, validate_dataset
+
+    needed = CONVERT_DATASET_SOURCES[args.source]
+    missing = [option for option in needed if getattr(args, option[2:]) is None]
+    if missing:
+        raise ValueError(f"--from {args.source} needs {' and '.join(needed)}; missing {', '.join(missing)}")
+    check_output_dir(args.out, "--out")
+    common = dict(out_dir=args.out, split=args.split, ignore_label=args.ignore_label, copy_images=args.copy_images,
+                  progress=not args.no_progress)
+    if args.source == "semantic-instance":
+        split = convert_semantic_instance(args.images, args.semantic, args.instance, args.categories, **common)
+    else:
+        split = convert_label_maps(args.images, args.labels, args.categories, label_divisor=args.label_divisor,
+                                   **common)
+    print(f"wrote {split.images} images: {split.thing_segments} thing instances, {split.crowd_segments} crowd "
+          f"regions, {split.stuff_segments} stuff regions")
+    problems = validate_dataset(split.json_path, split.png_dir, split.image_dir, progress=not args.no_progress)
+    for problem in problems:
+        print(problem)
+    print(f"validate: {summarize(problems)}")
+    print(f"--json {split.json_path} --png-dir {split.png_dir} --images {split.image_dir}")
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate",
@@ -474,6 +530,40 @@ def _run_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="make an exported ONNX file int8 (static quantization calibrated on a few images)",
+        description="Writes a copy of an ONNX file of export (either kind) whose convolutions run in int8 (weights per "
+        "channel, activations calibrated by ONNX Runtime's min-max method on the inputs the file's own predictor "
+        "feeds it for the calibration images). Inputs, outputs and metadata are unchanged: predict --onnx runs it. "
+        "Measure its accuracy before deploying it (evaluate --onnx, or benchmarks/bench_inference.py). Needs the "
+        "'export' extra. Exit status: 0 written, 2 unusable input.",
+    )
+    p.add_argument("--onnx", required=True, help="the float ONNX file written by export")
+    p.add_argument("--calibration", required=True,
+                   help="an image, or a folder of images like those the model will see")
+    p.add_argument("--max-images", type=int, default=16,
+                   help="calibrate on at most this many images of the folder, spread over it (default 16)")
+    p.add_argument("--output", required=True, help="the int8 ONNX file to write, e.g. model_int8.onnx")
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from panoptic_deeplab.export.quantize import quantize_onnx
+    from panoptic_deeplab.inference.predictor import list_images
+
+    if args.max_images < 1:
+        raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
+    images = list_images(args.calibration)
+    step = max(1, len(images) // args.max_images)
+    images = images[::step][: args.max_images]
+    result = quantize_onnx(args.onnx, args.output, images, progress=True)
+    print(f"wrote {result.path}: {result.quantized_nodes} convolutions in int8, calibrated on "
+          f"{result.calibration_images} image(s)")
+    print(f"next: panoptic-deeplab predict --onnx {result.path} --input IMAGES --output OUT")
+    return EXIT_OK
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -518,6 +608,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 COMMANDS.extend([
     ("make-synthetic", _add_make_synthetic, _run_make_synthetic),
+    ("convert-dataset", _add_convert_dataset, _run_convert_dataset),
     ("validate", _add_validate, _run_validate),
     ("train", _add_train, _run_train),
     ("model-info", _add_model_info, _run_model_info),
@@ -525,6 +616,7 @@ COMMANDS.extend([
     ("evaluate", _add_evaluate, _run_evaluate),
     ("convert", _add_convert, _run_convert),
     ("export", _add_export, _run_export),
+    ("quantize", _add_quantize, _run_quantize),
     ("demo", _add_demo, _run_demo),
 ])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,32 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
                                     "meta": synthetic_meta().to_json()}, root / "model.pt")
     split = make_synthetic_dataset(root / "data", "val", num_images=3, size=(96, 160), seed=3)
     return {"root": root, "checkpoint": checkpoint, "images": split.image_dir}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_checkpoint) -> dict[str, Path]:
+    """The tiny checkpoint's network exported by the CLI (--no-postprocess), with its images."""
+    pytest.importorskip("onnxruntime", reason="the 'export' extra is not installed")
+    onnx_path = tiny_checkpoint["root"] / "network.onnx"
+    result = _cli("export", "--checkpoint", str(tiny_checkpoint["checkpoint"]), "--output", str(onnx_path),
+                     "--no-postprocess")
+    assert result.returncode == 0, result.stderr
+    assert "exported the network" in result.stdout
+    assert "ONNX Runtime vs PyTorch, max difference / std: semantic" in result.stdout
+    return {**tiny_checkpoint, "onnx": onnx_path}
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_checkpoint) -> dict[str, Path]:
+    """The tiny checkpoint's whole pipeline exported by the CLI, with its images."""
+    pytest.importorskip("onnxruntime", reason="the 'export' extra is not installed")
+    onnx_path = tiny_checkpoint["root"] / "pipeline.onnx"
+    result = _cli("export", "--checkpoint", str(tiny_checkpoint["checkpoint"]), "--output", str(onnx_path))
+    assert result.returncode == 0, result.stderr
+    assert "exported the whole pipeline" in result.stdout
+    assert "label map pixels that differ from PyTorch on the check image: 0" in result.stdout
+    return {**tiny_checkpoint, "onnx": onnx_path}

@@ -28,18 +28,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", *args], capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_checkpoint) -> dict[str, Path]:
-    """The tiny checkpoint's network exported by the CLI (--no-postprocess), with its images."""
-    onnx_path = tiny_checkpoint["root"] / "network.onnx"
-    result = _cli("export", "--checkpoint", str(tiny_checkpoint["checkpoint"]), "--output", str(onnx_path),
-                  "--no-postprocess")
-    assert result.returncode == 0, result.stderr
-    assert "exported the network" in result.stdout
-    assert "ONNX Runtime vs PyTorch, max difference / std: semantic" in result.stdout
-    return {**tiny_checkpoint, "onnx": onnx_path}
-
-
 def test_graph_takes_any_size_and_equals_pytorch(exported) -> None:
     metadata = read_onnx_metadata(exported["onnx"])
     assert metadata["input_size"] is None and metadata["meta"] == synthetic_meta().to_json()

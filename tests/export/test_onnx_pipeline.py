@@ -28,16 +28,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", *args], capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tiny_checkpoint) -> dict[str, Path]:
-    onnx_path = tiny_checkpoint["root"] / "pipeline.onnx"
-    result = _cli("export", "--checkpoint", str(tiny_checkpoint["checkpoint"]), "--output", str(onnx_path))
-    assert result.returncode == 0, result.stderr
-    assert "exported the whole pipeline" in result.stdout
-    assert "label map pixels that differ from PyTorch on the check image: 0" in result.stdout
-    return {**tiny_checkpoint, "onnx": onnx_path}
-
-
 def _assert_same_results(a, b) -> None:
     np.testing.assert_array_equal(a.label_map, b.label_map)
     np.testing.assert_array_equal(a.semantic, b.semantic)

@@ -17,6 +17,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ from panoptic_deeplab.atomic import write_atomic
 LABEL_DIVISOR = 1000
 IGNORE_LABEL = 255
 VOID_LABEL = IGNORE_LABEL * LABEL_DIVISOR
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def rgb2id(rgb: np.ndarray) -> np.ndarray:
@@ -414,6 +416,19 @@ def write_panoptic_png(path: str | os.PathLike[str], ids: np.ndarray) -> None:
         raise ValueError(f"expected an [H, W] id map, got shape {tuple(ids.shape)}")
     image = Image.fromarray(id2rgb(ids), mode="RGB")
     write_atomic(path, lambda f: image.save(f, format="PNG"))
+
+
+def list_images(path: str | os.PathLike[str]) -> list[Path]:
+    """An image file itself, or the image files directly inside a folder (sorted); clear errors otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"folder {path} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:

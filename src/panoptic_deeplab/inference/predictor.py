@@ -24,6 +24,7 @@ from panoptic_deeplab.config import Config, ModelConfig, PostProcessConfig
 from panoptic_deeplab.data.coco_panoptic import (
     DatasetError,
     DatasetMeta,
+    list_images,
     load_image,
 )
 from panoptic_deeplab.data.transforms import (
@@ -41,7 +42,6 @@ from panoptic_deeplab.inference.results import (
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # Arithmetic of the network: "fp32" (exact, the default) or "bf16" (autocast: convolutions and matrix products in
 # bfloat16, 2-3x faster on CPUs with AVX512-BF16 / AMX and on CUDA; post-processing stays float32/float64).
@@ -388,19 +388,6 @@ class Predictor:
                     )[0]
                 results.append(result_from_prediction(prediction, out["center"][0], out["offset"][0], self.meta))
         return results
-
-
-def list_images(path: str | os.PathLike) -> list[Path]:
-    """An image file itself, or the image files directly inside a folder (sorted); clear errors otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"input {path} does not exist")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"folder {path} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return files
 
 
 def predict_folder(

@@ -1,0 +1,184 @@
+"""Dataset converters (data/converters, the convert-dataset verb): round trips of the synthetic dataset through
+each source form, and bad input with exact messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from panoptic_deeplab.data.coco_panoptic import (
+    DatasetError,
+    SegmentInfo,
+    load_panoptic_json,
+    read_panoptic_png,
+)
+from panoptic_deeplab.data.converters import convert_label_maps, convert_semantic_instance, read_categories
+from panoptic_deeplab.data.synthetic import render_synthetic_image, synthetic_meta
+from panoptic_deeplab.data.validate import validate_dataset
+
+SIZE = (64, 112)
+IMAGES = 3
+
+
+def _maps(ids: np.ndarray, segments: list[SegmentInfo]) -> tuple[np.ndarray, np.ndarray]:
+    """(category id per pixel, 255 void; instance number per thing pixel, 0 for crowd and stuff)."""
+    classes = np.full(ids.shape, 255, dtype=np.int64)
+    instances = np.zeros(ids.shape, dtype=np.int64)
+    things = {c.id for c in synthetic_meta().categories if c.isthing}
+    for number, segment in enumerate(segments, start=1):
+        pixels = ids == segment.id
+        classes[pixels] = segment.category_id
+        if segment.category_id in things and not segment.iscrowd:
+            instances[pixels] = number
+    return classes, instances
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> dict:
+    """Synthetic images with their ground truth, and a categories file."""
+    root = tmp_path_factory.mktemp("source")
+    (root / "images").mkdir()
+    truth = {}
+    for index in range(IMAGES):
+        image, ids, segments = render_synthetic_image(index, "train", 3, SIZE)  # seed 3: crowds in two images
+        Image.fromarray(image).save(root / "images" / f"frame{index}.jpg", quality=95)
+        truth[f"frame{index}"] = (ids, segments)
+    categories = root / "categories.yaml"
+    categories.write_text("\n".join(
+        f"- {{id: {c.id}, name: {c.name}, isthing: {int(c.isthing)}}}" for c in synthetic_meta().categories))
+    return {"root": root, "truth": truth, "categories": categories}
+
+
+def _assert_same_segmentation(split, truth: dict) -> None:
+    """The written split holds the original segments (renumbered): same pixels, classes, crowd flags, areas,
+    boxes; and it passes validate."""
+    assert validate_dataset(split.json_path, split.png_dir, split.image_dir, progress=False) == []
+    dataset = load_panoptic_json(split.json_path)
+    assert dataset.meta.to_json()[0]["name"] == "sky" and len(dataset.images) == len(truth)
+    names = {im.id: Path(im.file_name).stem for im in dataset.images}
+    for annotation in dataset.annotations:
+        ids, segments = truth[names[annotation.image_id]]
+        written = read_panoptic_png(split.png_dir / annotation.file_name)
+        assert ((written == 0) == (ids == 0)).all()
+        ours = {s.id: s for s in annotation.segments_info}
+        for segment in segments:
+            values = np.unique(written[ids == segment.id])
+            assert len(values) == 1, "a segment was split or merged"
+            mine = ours.pop(int(values[0]))
+            assert (mine.category_id, mine.iscrowd, mine.area, mine.bbox) == \
+                (segment.category_id, segment.iscrowd, segment.area, segment.bbox)
+        assert not ours, "segments that are not in the original"
+
+
+def test_semantic_instance_round_trip_through_the_cli(source, tmp_path) -> None:
+    for folder in ("semantic", "instance"):
+        (tmp_path / folder).mkdir()
+    for stem, (ids, segments) in source["truth"].items():
+        classes, instances = _maps(ids, segments)
+        Image.fromarray(classes.astype(np.uint8)).save(tmp_path / "semantic" / f"{stem}.png")
+        Image.fromarray(instances.astype(np.uint16)).save(tmp_path / "instance" / f"{stem}.png")  # 16-bit
+    done = subprocess.run(
+        [sys.executable, "-m", "panoptic_deeplab.cli", "convert-dataset", "--from", "semantic-instance",
+         "--images", str(source["root"] / "images"), "--semantic", str(tmp_path / "semantic"), "--instance",
+         str(tmp_path / "instance"), "--categories", str(source["categories"]), "--out", str(tmp_path / "out"),
+         "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    truth = source["truth"].values()
+    things = sum(1 for _, segs in truth for s in segs if s.category_id in (20, 24, 31) and not s.iscrowd)
+    crowds = sum(1 for _, segs in truth for s in segs if s.iscrowd)
+    stuff = sum(1 for _, segs in truth for s in segs if s.category_id not in (20, 24, 31))
+    assert crowds > 0 and things > 0
+    out = tmp_path / "out" / "train"
+    assert done.stdout.splitlines() == [
+        f"wrote 3 images: {things} thing instances, {crowds} crowd regions, {stuff} stuff regions",
+        "validate: no problems found",
+        f"--json {out / 'panoptic_train.json'} --png-dir {out / 'panoptic'} --images {out / 'images'}",
+    ]
+    assert (out / "images" / "frame0.jpg").is_symlink()
+    split = convert_semantic_instance(source["root"] / "images", tmp_path / "semantic", tmp_path / "instance",
+                                      source["categories"], tmp_path / "api", split="val", copy_images=True)
+    assert not (split.image_dir / "frame0.jpg").is_symlink() and split.json_path.name == "panoptic_val.json"
+    _assert_same_segmentation(split, source["truth"])
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".png"])
+def test_label_map_round_trip(source, tmp_path, suffix) -> None:
+    (tmp_path / "labels").mkdir()
+    divisor = 1000 if suffix == ".npy" else 256  # a 16-bit PNG holds class * 256 + instance for ids < 256
+    for stem, (ids, segments) in source["truth"].items():
+        classes, instances = _maps(ids, segments)
+        label = classes * divisor + instances
+        if suffix == ".npy":
+            np.save(tmp_path / "labels" / f"{stem}.npy", label.astype(np.int32))
+        else:
+            Image.fromarray(label.astype(np.uint16)).save(tmp_path / "labels" / f"{stem}.png")
+    split = convert_label_maps(source["root"] / "images", tmp_path / "labels", source["categories"], tmp_path / "out",
+                               label_divisor=divisor)
+    _assert_same_segmentation(split, source["truth"])
+    assert json.loads(split.json_path.read_text())["info"]["label_divisor"] == divisor
+
+
+def test_bad_input_names_the_file_and_the_value(source, tmp_path) -> None:
+    images, categories = source["root"] / "images", source["categories"]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    stems = sorted(source["truth"])
+    shape = source["truth"][stems[0]][0].shape
+    for stem in stems:
+        np.save(labels / f"{stem}.npy", np.full(shape, 7000, dtype=np.int32))  # road everywhere
+    np.save(labels / f"{stems[1]}.npy", np.full(shape, 9000, dtype=np.int32))
+    with pytest.raises(DatasetError, match=rf"{labels / stems[1]}.npy: unknown class id\(s\) 9 \(7168 pixels\); "
+                                            r"the categories file declares \[3, 7, 11, 12, 20, 24, 31\] and 255 is void"):
+        convert_label_maps(images, labels, categories, tmp_path / "a")
+    np.save(labels / f"{stems[1]}.npy", np.full((10, 10), 7000, dtype=np.int32))
+    with pytest.raises(DatasetError, match=rf"{labels / stems[1]}.npy: is 10x10 \(HxW\) but its image "
+                                            rf"{images / stems[1]}.jpg is 64x112"):
+        convert_label_maps(images, labels, categories, tmp_path / "b")
+    (labels / f"{stems[1]}.npy").unlink()
+    with pytest.raises(DatasetError, match=rf"{labels}: no label map for image '{stems[1]}' \(looked for "):
+        convert_label_maps(images, labels, categories, tmp_path / "c")
+    Image.new("RGB", (112, 64)).save(labels / f"{stems[1]}.png")
+    with pytest.raises(DatasetError, match=rf"{labels / stems[1]}.png: is a RGB image: a label map has one integer "
+                                            "channel"):
+        convert_label_maps(images, labels, categories, tmp_path / "d")
+    np.save(labels / f"{stems[1]}.npy", np.zeros(shape, dtype=np.int32))
+    with pytest.raises(DatasetError, match=rf"several label maps for image '{stems[1]}': {stems[1]}.png, "
+                                            rf"{stems[1]}.npy"):
+        convert_label_maps(images, labels, categories, tmp_path / "e")
+    (labels / f"{stems[1]}.png").unlink()
+    np.save(labels / f"{stems[1]}.npy", np.full(shape, 0.5))
+    with pytest.raises(DatasetError, match=rf"{labels / stems[1]}.npy: holds float64 values, expected integers"):
+        convert_label_maps(images, labels, categories, tmp_path / "f")
+    np.save(labels / f"{stems[1]}.npy", np.full(shape, -3, dtype=np.int32))
+    with pytest.raises(DatasetError, match=rf"{labels / stems[1]}.npy: negative label -3"):
+        convert_label_maps(images, labels, categories, tmp_path / "g")
+    for text, message in (("- {id: 1, name: a}", r"lacks the field\(s\) \['isthing'\]"),
+                          ("just text", "must hold a list of categories"),
+                          ("- {id: 1, name: a, isthing: 1}\n- {id: 1, name: b, isthing: 0}", "duplicate category ids")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=f"categories file {bad}: .*{message}"
+                           if "must hold" not in message else f"categories file {bad} {message}"):
+            read_categories(bad)
+
+
+def test_cli_refusals(source, tmp_path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", "convert-dataset", *args,
+                               "--images", str(source["root"] / "images"), "--categories", str(source["categories"]),
+                               "--no-progress"], capture_output=True, text=True)
+
+    done = run("--from", "semantic-instance", "--semantic", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert (done.returncode, done.stderr) == (2, "error: --from semantic-instance needs --semantic and --instance; "
+                                                 "missing --instance\n")
+    done = run("--from", "label-map", "--labels", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
+    assert (done.returncode, done.stderr) == (2, f"error: --labels folder {tmp_path / 'none'} does not exist\n")
+    (tmp_path / "file").write_text("x")
+    done = run("--from", "label-map", "--labels", str(tmp_path), "--out", str(tmp_path / "file"))
+    assert done.returncode == 2 and done.stderr.startswith(f"error: --out {tmp_path / 'file'} cannot be a folder")
