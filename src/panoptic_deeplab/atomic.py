@@ -25,21 +25,39 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A file that could not be written completely (full disk, quota, permissions): the file at ``path``, if there
+    was one, is unchanged and no partial file is left."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path} ({self.strerror}); the file there before, if any, is unchanged"
+
+
 def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
     """Write ``path`` through ``write(fileobj)``: temporary sibling, flush + fsync, ``os.replace``, fsync
-    of the folder. Returns the path."""
+    of the folder. Returns the path. A write that fails midway (e.g. no space left) removes the temporary file
+    and raises :class:`WriteError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(path, exc) from exc
         raise
     _fsync_dir(path.parent)
     return path

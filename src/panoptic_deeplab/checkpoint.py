@@ -24,7 +24,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 import numpy as np
 import torch
@@ -45,13 +45,43 @@ def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pt"
 
 
+class _WriteErrors:
+    """A binary file that keeps the OSError one of its writes raised: torch.save's C++ writer turns it into a
+    RuntimeError ("enforce fail ... unexpected pos") that no longer says the disk was full."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` so that a crash leaves either the old file or the complete new one.
 
     Writes a temporary file in the same directory (same file system, so the rename is atomic),
-    flushes and fsyncs it, ``os.replace``s it over ``path`` and fsyncs the directory.
+    flushes and fsyncs it, ``os.replace``s it over ``path`` and fsyncs the directory. A write that fails
+    (full disk) raises :class:`~panoptic_deeplab.atomic.WriteError` naming ``path``.
     """
-    return write_atomic(path, lambda f: torch.save(obj, f))
+
+    def save(file: BinaryIO) -> None:
+        recorder = _WriteErrors(file)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+    return write_atomic(path, save)
 
 
 def load_tensors_only(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> Any:

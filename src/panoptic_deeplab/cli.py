@@ -66,7 +66,12 @@ def _run_make_synthetic(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-CONVERT_DATASET_SOURCES = {"semantic-instance": ("--semantic", "--instance"), "label-map": ("--labels",)}
+# The options each source needs (argparse cannot require an option for one --from value only).
+CONVERT_DATASET_SOURCES = {
+    "semantic-instance": ("--images", "--categories", "--semantic", "--instance"),
+    "label-map": ("--images", "--categories", "--labels"),
+    "cityscapes": ("--cityscapes",),
+}
 
 
 def _add_convert_dataset(sub: argparse._SubParsersAction) -> None:
@@ -78,13 +83,16 @@ def _add_convert_dataset(sub: argparse._SubParsersAction) -> None:
         "semantic-instance (a semantic PNG of category ids and an instance PNG per image, named like the image: "
         "--semantic DIR --instance DIR) and label-map (class * divisor + instance per pixel: --labels DIR, 16-bit "
         "PNG, 32-bit TIFF or .npy). Stuff classes give one segment per image, each (thing class, instance id > 0) "
-        "one instance, thing pixels with instance 0 the class's crowd region; --ignore-label is void. Exit status: "
+        "one instance, thing pixels with instance 0 the class's crowd region; --ignore-label is void. cityscapes "
+        "(--cityscapes ROOT with gtFine/ and leftImg8bit/): what cityscapesscripts' createPanopticImgs writes, "
+        "label ids or --train-ids, no environment variables. Exit status: "
         "0 written and valid, 1 written with problems (listed), 2 unusable input (the message names the file).",
     )
     p.add_argument("--from", dest="source", required=True, choices=sorted(CONVERT_DATASET_SOURCES))
-    p.add_argument("--images", required=True, help="folder of the images")
-    p.add_argument("--categories", required=True,
-                   help="YAML or JSON list of categories: id, name, isthing (1 thing, 0 stuff), optional color")
+    p.add_argument("--images", help="semantic-instance, label-map: folder of the images")
+    p.add_argument("--categories",
+                   help="semantic-instance, label-map: YAML or JSON list of categories: id, name, isthing (1 thing, "
+                   "0 stuff), optional color")
     p.add_argument("--out", required=True, help="output directory OUT")
     p.add_argument("--split", default="train", help="split name (default train)")
     p.add_argument("--semantic", help="semantic-instance: folder of semantic maps (category id per pixel)")
@@ -92,26 +100,30 @@ def _add_convert_dataset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="label-map: folder of label maps (class * divisor + instance)")
     p.add_argument("--label-divisor", type=int, default=1000, help="label-map: the divisor (default 1000)")
     p.add_argument("--ignore-label", type=int, default=255, help="the class value that means void (default 255)")
+    p.add_argument("--cityscapes", help="cityscapes: the dataset root (gtFine/, leftImg8bit/); --split names its split")
+    p.add_argument("--train-ids", action="store_true", help="cityscapes: category ids are train ids 0..18")
     p.add_argument("--copy-images", action="store_true", help="copy the images instead of linking them")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def _run_convert_dataset(args: argparse.Namespace) -> int:
-    from panoptic_deeplab.data.converters import convert_label_maps, convert_semantic_instance
+    from panoptic_deeplab.data.converters import convert_cityscapes, convert_label_maps, convert_semantic_instance
     from panoptic_deeplab.data.validate import summarize, validate_dataset
 
     needed = CONVERT_DATASET_SOURCES[args.source]
     missing = [option for option in needed if getattr(args, option[2:]) is None]
     if missing:
-        raise ValueError(f"--from {args.source} needs {' and '.join(needed)}; missing {', '.join(missing)}")
+        raise ValueError(f"--from {args.source} needs {', '.join(needed)}; missing {', '.join(missing)}")
     check_output_dir(args.out, "--out")
-    common = dict(out_dir=args.out, split=args.split, ignore_label=args.ignore_label, copy_images=args.copy_images,
-                  progress=not args.no_progress)
-    if args.source == "semantic-instance":
-        split = convert_semantic_instance(args.images, args.semantic, args.instance, args.categories, **common)
+    common = dict(out_dir=args.out, split=args.split, copy_images=args.copy_images, progress=not args.no_progress)
+    if args.source == "cityscapes":
+        split = convert_cityscapes(args.cityscapes, train_ids=args.train_ids, **common)
+    elif args.source == "semantic-instance":
+        split = convert_semantic_instance(args.images, args.semantic, args.instance, args.categories,
+                                          ignore_label=args.ignore_label, **common)
     else:
         split = convert_label_maps(args.images, args.labels, args.categories, label_divisor=args.label_divisor,
-                                   **common)
+                                   ignore_label=args.ignore_label, **common)
     print(f"wrote {split.images} images: {split.thing_segments} thing instances, {split.crowd_segments} crowd "
           f"regions, {split.stuff_segments} stuff regions")
     problems = validate_dataset(split.json_path, split.png_dir, split.image_dir, progress=not args.no_progress)
@@ -152,7 +164,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "Several processes: torchrun --nproc_per_node N -m panoptic_deeplab.cli train ... "
         "SIGTERM or SIGUSR1 (what schedulers send before a kill) writes a checkpoint at the current iteration and "
         "exits with status 75; --resume auto then continues exactly. "
-        "Exit status: 0 done, 1 training diverged (NaN/inf loss), 2 unusable config, data or checkpoint, 75 "
+        "Exit status: 0 done, 1 training diverged (NaN/inf loss) or a checkpoint could not be written (full "
+        "disk), 2 unusable config, data or checkpoint, 75 "
         "preempted (checkpoint written).",
     )
     p.add_argument("--config", required=True, help="preset name (e.g. synthetic_mnv3) or YAML file")
@@ -168,7 +181,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from panoptic_deeplab.checkpoint import CheckpointError
     from panoptic_deeplab.config import load_config
-    from panoptic_deeplab.engine.trainer import TrainingDivergedError, TrainingPreempted, train
+    from panoptic_deeplab.engine.trainer import CheckpointWriteError, TrainingDivergedError, TrainingPreempted, train
 
     # Under torchrun only rank 0 reports progress; the other ranks print warnings and errors.
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -180,7 +193,7 @@ def _run_train(args: argparse.Namespace) -> int:
     check_output_dir(cfg.train.output_dir, "--output-dir" if args.output_dir is not None else "train.output_dir")
     try:
         result = train(cfg, resume=args.resume)
-    except TrainingDivergedError as exc:
+    except (TrainingDivergedError, CheckpointWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     except TrainingPreempted as exc:

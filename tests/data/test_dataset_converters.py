@@ -175,10 +175,79 @@ def test_cli_refusals(source, tmp_path) -> None:
                                "--no-progress"], capture_output=True, text=True)
 
     done = run("--from", "semantic-instance", "--semantic", str(tmp_path), "--out", str(tmp_path / "o"))
-    assert (done.returncode, done.stderr) == (2, "error: --from semantic-instance needs --semantic and --instance; "
-                                                 "missing --instance\n")
+    assert (done.returncode, done.stderr) == (2, "error: --from semantic-instance needs --images, --categories, "
+                                                 "--semantic, --instance; missing --instance\n")
     done = run("--from", "label-map", "--labels", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert (done.returncode, done.stderr) == (2, f"error: --labels folder {tmp_path / 'none'} does not exist\n")
     (tmp_path / "file").write_text("x")
     done = run("--from", "label-map", "--labels", str(tmp_path), "--out", str(tmp_path / "file"))
     assert done.returncode == 2 and done.stderr.startswith(f"error: --out {tmp_path / 'file'} cannot be a folder")
+
+
+def _cityscapes_tree(root: Path) -> None:
+    """A small Cityscapes-layout tree: two cities, stuff, ignored labels, instances and crowds of two classes."""
+    rng = np.random.default_rng(0)
+    for city, frames in (("aachen", 2), ("bremen", 1)):
+        for frame in range(frames):
+            stem = f"{city}_000000_{frame:06d}"
+            ids = np.full((32, 64), 7, dtype=np.uint16)  # road
+            ids[:8] = 23  # sky
+            ids[8:12, :20] = 11  # building
+            ids[-3:] = 1  # ego vehicle: ignored in evaluation
+            ids[12:14, 40:] = 5  # dynamic: ignored
+            for k in range(int(rng.integers(2, 5))):
+                y, x = int(rng.integers(12, 26)), int(rng.integers(0, 56))
+                ids[y : y + 5, x : x + 7] = 26000 + k if k % 2 == 0 else 24000 + k  # cars and persons
+            ids[20:24, 0:6] = 26  # a car crowd
+            ids[14:16, 10:14] = 24  # a person crowd
+            (root / "gtFine" / "val" / city).mkdir(parents=True, exist_ok=True)
+            (root / "leftImg8bit" / "val" / city).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ids).save(root / "gtFine" / "val" / city / f"{stem}_gtFine_instanceIds.png")
+            image = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png")
+
+
+@pytest.mark.parametrize("train_ids", [False, True])
+def test_cityscapes_equals_create_panoptic_imgs(tmp_path, train_ids) -> None:
+    """The same JSON (images, annotations, categories) and the same PNGs as cityscapesscripts' own converter."""
+    create = pytest.importorskip("cityscapesscripts.preparation.createPanopticImgs")
+    from panoptic_deeplab.data.converters import convert_cityscapes
+
+    root = tmp_path / "cityscapes"
+    _cityscapes_tree(root)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    create.convert2panoptic(str(root / "gtFine"), str(reference), useTrainId=train_ids, setNames=["val"])
+    base = "cityscapes_panoptic_val" + ("_trainId" if train_ids else "")
+    theirs = json.loads((reference / f"{base}.json").read_text())
+    split = convert_cityscapes(root, tmp_path / "out", "val", train_ids=train_ids)
+    ours = json.loads(split.json_path.read_text())
+    # The one deliberate difference: createPanopticImgs names images "*_gtFine_leftImg8bit.png", a file that does
+    # not exist (it edits the label file's name); ours is the real image, linked into the split.
+    for image in theirs["images"]:
+        image["file_name"] = image["file_name"].replace("_gtFine_leftImg8bit.png", "_leftImg8bit.png")
+    for key in ("images", "annotations", "categories"):
+        assert ours[key] == theirs[key], key
+    assert any(s["iscrowd"] for a in ours["annotations"] for s in a["segments_info"])
+    for annotation in theirs["annotations"]:
+        np.testing.assert_array_equal(read_panoptic_png(split.png_dir / annotation["file_name"]),
+                                      read_panoptic_png(reference / base / annotation["file_name"]))
+    assert validate_dataset(split.json_path, split.png_dir, split.image_dir, progress=False) == []
+
+
+def test_cityscapes_bad_input(tmp_path) -> None:
+    from panoptic_deeplab.data.converters import convert_cityscapes
+
+    with pytest.raises(FileNotFoundError, match=rf"no {tmp_path}/gtFine/val/<city>/\*_gtFine_instanceIds.png files: "
+                                                 rf"is {tmp_path} a Cityscapes root"):
+        convert_cityscapes(tmp_path, tmp_path / "out")
+    root = tmp_path / "cityscapes"
+    _cityscapes_tree(root)
+    label = root / "gtFine" / "val" / "bremen" / "bremen_000000_000000_gtFine_instanceIds.png"
+    Image.fromarray(np.full((32, 64), 50, dtype=np.uint16)).save(label)
+    with pytest.raises(DatasetError, match=rf"{label}: value 50 is not a Cityscapes instance id"):
+        convert_cityscapes(root, tmp_path / "out")
+    (root / "leftImg8bit" / "val" / "bremen" / "bremen_000000_000000_leftImg8bit.png").unlink()
+    with pytest.raises(DatasetError, match=rf"{label}: its image .*bremen_000000_000000_leftImg8bit.png does not "
+                                            "exist"):
+        convert_cityscapes(root, tmp_path / "out")

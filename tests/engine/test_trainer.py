@@ -220,3 +220,35 @@ def test_preemption_signal_checkpoints_and_resume_continues_exactly(tiny_overrid
     b = load_checkpoint(out / "model_0000012.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight.weights_digest in resumed.stderr + resumed.stdout
+
+
+def test_full_disk_stops_training_and_keeps_the_last_checkpoint(tiny_overrides, tmp_path) -> None:
+    """A real failed write: the second checkpoint exceeds the process's file size limit (RLIMIT_FSIZE, EFBIG, as
+    on a full disk ENOSPC). Training stops with exit 1 naming the file and the last good checkpoint, leaves no
+    partial file, and --resume auto then finishes the run."""
+    out = tmp_path / "run"
+    common = [*tiny_overrides, "train.checkpoint_period=2", "--output-dir", str(out)]
+    first = subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", "train", "--config", "synthetic_mnv3",
+                            "solver.max_iter=2", *common], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    good = out / "model_0000002.pt"
+    size, digest = good.stat().st_size, state_dict_digest(load_checkpoint(good)["model"])
+    limited = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 2}, resource.RLIM_INFINITY))\n"
+        "from panoptic_deeplab.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    command = ["train", "--config", "synthetic_mnv3", "solver.max_iter=4", *common, "--resume", "auto"]
+    stopped = subprocess.run([sys.executable, "-c", limited, *command], capture_output=True, text=True)
+    assert stopped.returncode == 1, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"error: training stopped at iteration 4: cannot write {out / 'model_0000004.pt'} (File too large); the file "
+        f"there before, if any, is unchanged; the last good checkpoint is {good}; free space and continue with "
+        "--resume auto")
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["config.yaml", "metrics.jsonl", good.name]
+    assert state_dict_digest(load_checkpoint(good)["model"]) == digest
+    resumed = subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", *command], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(out / "model_0000004.pt")["iteration"] == 4

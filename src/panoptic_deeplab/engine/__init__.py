@@ -2,6 +2,7 @@
 
 from panoptic_deeplab.checkpoint import CheckpointError, load_checkpoint
 from panoptic_deeplab.engine.trainer import (
+    CheckpointWriteError,
     Trainer,
     TrainingDivergedError,
     TrainingPreempted,
@@ -12,6 +13,7 @@ from panoptic_deeplab.engine.trainer import (
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "Trainer",
     "TrainResult",
     "TrainingDivergedError",

@@ -93,6 +93,10 @@ class TrainingDivergedError(RuntimeError):
     """A loss became NaN or infinite; no optimizer step and no checkpoint were made with it."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, quota): training stopped, the files on disk are intact."""
+
+
 def poly_lr_factor(it: int, max_iter: int, power: float = 0.9, warmup_iters: int = 0, warmup_factor: float = 0.001) -> float:
     """Multiplier of the base learning rate after ``it`` steps (SPEC §4.1).
 
@@ -286,7 +290,14 @@ class Trainer:
         path = None
         if self.is_main:
             name = ckpt_io.BEST_NAME if best else ckpt_io.checkpoint_name(self.iteration)
-            path = ckpt_io.atomic_torch_save(self._checkpoint_state(rng), self.output_dir / name)
+            try:
+                path = ckpt_io.atomic_torch_save(self._checkpoint_state(rng), self.output_dir / name)
+            except OSError as exc:
+                last = self.last_checkpoint or "none yet"
+                raise CheckpointWriteError(
+                    f"training stopped at iteration {self.iteration}: {exc}; the last good checkpoint is {last}; "
+                    "free space and continue with --resume auto"
+                ) from exc
             if not best:
                 ckpt_io.prune_checkpoints(self.output_dir, self.cfg.train.keep_last)
                 self.last_checkpoint = path

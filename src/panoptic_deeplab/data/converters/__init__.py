@@ -4,12 +4,14 @@ One module per source form (``convert-dataset --from NAME``); :mod:`.common` hol
 that turn class and instance maps into segments, and the split writer they share.
 """
 
+from .cityscapes import convert_cityscapes
 from .common import ConvertedSplit, read_categories, segments_from_maps
 from .label_map import convert_label_maps
 from .semantic_instance import convert_semantic_instance
 
 __all__ = [
     "ConvertedSplit",
+    "convert_cityscapes",
     "convert_label_maps",
     "convert_semantic_instance",
     "read_categories",

@@ -181,15 +181,30 @@ class SplitWriter:
 
     def add(self, image_path: Path, classes: np.ndarray, instances: np.ndarray, ignore_label: int,
             label_context: str) -> None:
-        """Convert one image's maps and write its PNG; the image is linked (or copied) under its own name."""
+        """Convert one image's class and instance maps (rules: module doc) and add it."""
+        size = self._image_size(image_path, classes.shape, label_context)
+        ids, segments = segments_from_maps(classes, instances, self.meta, ignore_label, label_context)
+        self._add(image_path, size, ids, segments, len(self._images), f"{image_path.stem}.png")
+
+    def add_segments(self, image_path: Path, ids: np.ndarray, segments: list[SegmentInfo], image_id: int | str,
+                     png_name: str, label_context: str) -> None:
+        """Add one image with its segment id map and segments as they are."""
+        size = self._image_size(image_path, ids.shape, label_context)
+        self._add(image_path, size, ids, segments, image_id, png_name)
+
+    def _image_size(self, image_path: Path, label_shape: tuple[int, ...], label_context: str) -> tuple[int, int]:
+        """(height, width) of a new image, equal to its labels'; decoding it in full finds truncated files now."""
         if image_path.name in self._names:
             raise DatasetError(Problem(str(image_path), "a second image of this file name"))
-        height, width = load_image(image_path).shape[:2]  # decoding it in full finds truncated files now
-        if classes.shape != (height, width):
-            raise DatasetError(Problem(label_context, f"is {classes.shape[0]}x{classes.shape[1]} (HxW) but its image "
+        height, width = load_image(image_path).shape[:2]
+        if tuple(label_shape) != (height, width):
+            raise DatasetError(Problem(label_context, f"is {label_shape[0]}x{label_shape[1]} (HxW) but its image "
                                        f"{image_path} is {height}x{width}"))
-        ids, segments = segments_from_maps(classes, instances, self.meta, ignore_label, label_context)
-        png_name = f"{image_path.stem}.png"
+        return height, width
+
+    def _add(self, image_path: Path, size: tuple[int, int], ids: np.ndarray, segments: list[SegmentInfo],
+             image_id: int | str, png_name: str) -> None:
+        """Write the PNG, link (or copy) the image under its own name, record both."""
         write_panoptic_png(self.png_dir / png_name, ids)
         target = self.image_dir / image_path.name
         if target.is_symlink() or target.exists():
@@ -201,9 +216,8 @@ class SplitWriter:
                 target.symlink_to(image_path.resolve())
             except OSError:  # file systems without symbolic links
                 shutil.copyfile(image_path, target)
-        image_id = len(self._images)
         self._names.add(image_path.name)
-        self._images.append(ImageInfo(image_id, image_path.name, height, width))
+        self._images.append(ImageInfo(image_id, image_path.name, *size))
         self._annotations.append(PanopticAnnotation(image_id, png_name, segments))
 
     def finish(self, info: dict[str, Any]) -> ConvertedSplit:
