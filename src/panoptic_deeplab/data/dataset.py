@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
-import multiprocessing.util  # registers multiprocessing's exit hook before ours (see _kill_workers_left_at_exit)
+import multiprocessing.util  # registers multiprocessing's exit hook before ours (see _stop_workers_left_at_exit)
 import os
 import random
 import signal

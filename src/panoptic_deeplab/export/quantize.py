@@ -1,9 +1,9 @@
 """int8 static quantization of an exported ONNX file (ONNX Runtime's ``quantize_static``), calibrated on images.
 
 The convolutions get int8 weights (per output channel) and uint8 input activations, in the QDQ format, which ONNX
-Runtime runs as integer convolutions (VNNI / AMX on CPUs that have them); their outputs stay float. Everything else (resizing,
-normalisation, the whole post-processing of a pipeline graph) stays float, so the graph keeps its inputs,
-outputs and metadata, and ``predict --onnx`` runs it like the float file.
+Runtime runs as integer convolutions (VNNI / AMX on CPUs that have them); their outputs stay float. Everything else
+(resizing, normalisation, the whole post-processing of a pipeline graph) stays float, so the graph keeps its
+inputs, outputs and metadata, and ``predict --onnx`` runs it like the float file.
 
 Calibration: each image goes through the float file's own predictor, and the tensors it feeds to the graph
 (padded and normalised exactly as at inference) are what the calibration observes, so the activation ranges

@@ -100,6 +100,14 @@ def read_label_map(path: str | os.PathLike[str]) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def existing_folder(path: str | os.PathLike[str], option: str) -> Path:
+    """``path`` as a Path, or the error naming ``option`` when it is not a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{option} folder {path} does not exist")
+    return path
+
+
 def find_label_map(folder: Path, stem: str, what: str) -> Path:
     """The file of ``folder`` named ``stem`` with a label-map extension; a clear error when none or several."""
     found = [folder / f"{stem}{ext}" for ext in LABEL_MAP_EXTENSIONS if (folder / f"{stem}{ext}").is_file()]
@@ -126,10 +134,11 @@ def segments_from_maps(
     if instances.size and int(instances.min()) < 0:
         raise DatasetError(Problem(context, f"negative instance id {int(instances.min())}"))
     known = np.array([c.id for c in meta.categories])
-    present, counts = np.unique(classes, return_counts=True)
-    unknown = [(int(v), int(n)) for v, n in zip(present, counts) if v != ignore_label and v not in known]
-    if unknown:
-        listed = ", ".join(f"{v} ({n} pixels)" for v, n in unknown[:5])
+    # A lookup over the pixels (np.isin's table for integers), not a sort: the segments' own np.unique follows.
+    unknown_pixels = ~np.isin(classes, [*known.tolist(), ignore_label])
+    if unknown_pixels.any():
+        values, counts = np.unique(classes[unknown_pixels], return_counts=True)
+        listed = ", ".join(f"{v} ({n} pixels)" for v, n in zip(values.tolist()[:5], counts.tolist()))
         raise DatasetError(Problem(context, f"unknown class id(s) {listed}; the categories file declares "
                                    f"{known.tolist()} and {ignore_label} is void (--ignore-label)"))
     thing_ids = np.array([c.id for c in meta.categories if c.isthing])

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from panoptic_deeplab.data.coco_panoptic import DatasetError, Problem, list_images
 
-from .common import ConvertedSplit, SplitWriter, find_label_map, read_categories, read_label_map
+from .common import ConvertedSplit, SplitWriter, existing_folder, find_label_map, read_categories, read_label_map
 
 
 def convert_label_maps(
@@ -34,9 +34,7 @@ def convert_label_maps(
     if label_divisor < 1:
         raise ValueError(f"--label-divisor must be at least 1, got {label_divisor}")
     meta = read_categories(categories)
-    labels = Path(labels)
-    if not labels.is_dir():
-        raise FileNotFoundError(f"--labels folder {labels} does not exist")
+    labels = existing_folder(labels, "--labels")
     writer = SplitWriter(out_dir, split, meta, copy_images)
     for image_path in tqdm(list_images(images), desc=f"convert {split}", unit="image", disable=not progress):
         label_path = find_label_map(labels, image_path.stem, "label map")

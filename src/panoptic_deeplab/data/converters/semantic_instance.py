@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from panoptic_deeplab.data.coco_panoptic import list_images
 
-from .common import ConvertedSplit, SplitWriter, find_label_map, read_categories, read_label_map
+from .common import ConvertedSplit, SplitWriter, existing_folder, find_label_map, read_categories, read_label_map
 
 
 def convert_semantic_instance(
@@ -32,10 +32,7 @@ def convert_semantic_instance(
 ) -> ConvertedSplit:
     """Write ``out_dir/<split>`` (COCO panoptic) from the three folders and the categories file."""
     meta = read_categories(categories)
-    semantic, instance = Path(semantic), Path(instance)
-    for option, folder in (("--semantic", semantic), ("--instance", instance)):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{option} folder {folder} does not exist")
+    semantic, instance = existing_folder(semantic, "--semantic"), existing_folder(instance, "--instance")
     writer = SplitWriter(out_dir, split, meta, copy_images)
     for image_path in tqdm(list_images(images), desc=f"convert {split}", unit="image", disable=not progress):
         semantic_path = find_label_map(semantic, image_path.stem, "semantic map")
