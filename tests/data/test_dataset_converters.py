@@ -251,3 +251,44 @@ def test_cityscapes_bad_input(tmp_path) -> None:
     with pytest.raises(DatasetError, match=rf"{label}: its image .*bremen_000000_000000_leftImg8bit.png does not "
                                             "exist"):
         convert_cityscapes(root, tmp_path / "out")
+
+
+def test_remaining_refusals_have_exact_messages(source, tmp_path) -> None:
+    from panoptic_deeplab.data.converters import segments_from_maps
+    from panoptic_deeplab.data.converters.common import SplitWriter, read_label_map
+
+    with pytest.raises(FileNotFoundError, match=f"^categories file {tmp_path} is a directory$"):
+        read_categories(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"^categories file {tmp_path / 'none.yaml'} does not exist$"):
+        read_categories(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not numpy")
+    with pytest.raises(DatasetError, match=rf"^{bad}: not a readable \.npy array"):
+        read_label_map(bad)
+    np.save(bad, np.zeros((2, 3, 4), dtype=np.int32))
+    with pytest.raises(DatasetError, match=rf"^{bad}: has shape \(2, 3, 4\), expected a 2-D \[H, W\] map$"):
+        read_label_map(bad)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    with pytest.raises(DatasetError, match=rf"^{broken}: unreadable or truncated image"):
+        read_label_map(broken)
+    meta = synthetic_meta()
+    with pytest.raises(DatasetError, match=r"^x: class map is 2x2 but instance map is 2x3$"):
+        segments_from_maps(np.full((2, 2), 7), np.zeros((2, 3), dtype=np.int64), meta, 255, "x")
+    with pytest.raises(DatasetError, match=r"^x: negative instance id -1$"):
+        segments_from_maps(np.full((2, 2), 20), np.full((2, 2), -1), meta, 255, "x")
+    with pytest.raises(ValueError, match=r"^split name 'a/b' must be letters, digits, '_' or '-'$"):
+        SplitWriter(tmp_path / "w", "a/b", meta)
+    writer = SplitWriter(tmp_path / "w", "train", meta)
+    with pytest.raises(ValueError, match=r"^no image was converted: the split would be empty$"):
+        writer.finish({})
+    image = source["root"] / "images" / "frame0.jpg"
+    ids, segments = source["truth"]["frame0"]
+    classes, instances = _maps(ids, segments)
+    writer.add(image, classes, instances, 255, "labels of frame0")
+    with pytest.raises(DatasetError, match=rf"^{image}: a second image of this file name$"):
+        writer.add(image, classes, instances, 255, "labels of frame0")
+    done = subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", "quantize", "--onnx", "x.onnx",
+                           "--calibration", str(source["root"] / "images"), "--max-images", "0", "--output", "y.onnx"],
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (2, "error: --max-images must be at least 1, got 0\n")
