@@ -1,9 +1,15 @@
-"""End-to-end inference on the CPU: image -> panoptic label map with PyTorch (eager NCHW, channels_last) and with
+"""End-to-end inference: image -> panoptic label map with PyTorch (eager NCHW, channels_last) and with
 the exported ONNX graphs under ONNX Runtime (the network with PyTorch post-processing around it, and the whole
 pipeline in one graph; fp32, and int8 by ``quantize``), for MobileNetV3-L and ResNet-50 at 1025x2049.
 
     .venv/bin/python benchmarks/bench_inference.py [--size 1024x2048] [--repeats 2] [--presets cityscapes_mnv3 ...]
         [--pq-checkpoint demo_output/train/model_final.pt --pq-split demo_output/data/val]
+        [--device cuda [--compile]]
+
+``--device cuda`` runs PyTorch on the GPU instead (eager, channels_last, bf16 autocast; ``--compile`` adds
+``torch.compile`` of the channels_last network in fp32 and bf16) and the network graph under ONNX Runtime's CUDA
+provider where the installed onnxruntime has it; post-processing then runs on the GPU (torch operations), or on
+the CPU after ONNX Runtime.
 
 Random weights with structure (``modeling.random_weights``: a fresh model's heatmap is flat, without centers;
 these give many, up to ``top_k`` = 200). Per preset and runtime: the best
@@ -72,6 +78,30 @@ def _runtimes(checkpoint: Path, folder: Path, calibration: Sequence[Any]) -> dic
     }
 
 
+def _cuda_runtimes(checkpoint: Path, folder: Path, compile_network: bool) -> dict[str, Any]:
+    """The GPU's ways to run ``checkpoint``: PyTorch on CUDA, and ONNX Runtime's CUDA provider if installed."""
+    eager = Predictor.from_checkpoint(checkpoint, device="cuda")
+    eager.model = eager.model.to(memory_format=torch.contiguous_format)
+    runs: dict[str, Any] = {
+        "PyTorch eager (NCHW)": eager,
+        "PyTorch channels_last": Predictor.from_checkpoint(checkpoint, device="cuda"),
+        "PyTorch bf16 autocast": Predictor.from_checkpoint(checkpoint, device="cuda", precision="bf16"),
+    }
+    if compile_network:
+        for name, precision in (("torch.compile fp32", "fp32"), ("torch.compile bf16", "bf16")):
+            runs[name] = Predictor.from_checkpoint(checkpoint, device="cuda", precision=precision)
+            runs[name].model = torch.compile(runs[name].model)  # compiled at the warm-up call
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        network = export_onnx(checkpoint, folder / "network.onnx", postprocess=False)
+        runs["ORT CUDA fp32 network"] = onnx_predictor(network.path,
+                                                       providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    else:
+        print(f"(no ORT runs: this onnxruntime has no CUDA provider, only {onnxruntime.get_available_providers()})")
+    return runs
+
+
 def _pq(predictor: Any, split: Path, folder: Path) -> float:
     """PQ of ``predictor`` on a split folder as make-synthetic writes it (``images/``, ``panoptic/``, one JSON)."""
     (gt_json,) = split.glob("*.json")
@@ -95,6 +125,8 @@ def main() -> None:
     parser.add_argument("--size", type=_size, default=(1024, 2048))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--presets", nargs="*", default=["cityscapes_mnv3", "cityscapes_r50"])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--compile", action="store_true", help="with --device cuda: also torch.compile")
     parser.add_argument("--pq-checkpoint", type=Path, default=None,
                         help="a checkpoint trained on the synthetic dataset (e.g. demo_output/train/model_final.pt)")
     parser.add_argument("--pq-split", type=Path, default=None,
@@ -109,7 +141,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = atomic_torch_save({"model": model.state_dict(), "config": config_to_dict(cfg),
                                             "meta": dataset_meta("cityscapes").to_json()}, Path(tmp) / "model.pt")
-            runs = _runtimes(checkpoint, Path(tmp), [image])
+            if args.device == "cuda":
+                runs = _cuda_runtimes(checkpoint, Path(tmp), args.compile)
+            else:
+                runs = _runtimes(checkpoint, Path(tmp), [image])
             results = {name: _best(predictor, image, args.repeats) for name, predictor in runs.items()}
             centers = len(runs["PyTorch channels_last"].predict(image).centers)
         print(f"{preset}: {centers} centers detected")
@@ -118,6 +153,8 @@ def main() -> None:
             print(f"{preset:18s} {name:24s} {seconds:8.2f} {base_time / seconds:8.2f} "
                   f"{float((labels == base_labels).mean()):15.6f}", flush=True)
     if args.pq_checkpoint is not None:
+        if args.device == "cuda":
+            parser.error("--pq-checkpoint measures the CPU runtimes: leave out --device cuda")
         if args.pq_split is None:
             parser.error("--pq-checkpoint needs --pq-split")
         print(f"\nPQ on {args.pq_split} of {args.pq_checkpoint}")

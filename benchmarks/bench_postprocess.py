@@ -3,7 +3,9 @@
 Run: ``.venv/bin/python benchmarks/bench_postprocess.py`` (options: ``--help``; ``--onnx`` adds the
 post-processing of the exported whole-pipeline graph, run by ONNX Runtime, measured the same way).
 Methods: ``compiled`` (the numba kernels, the CPU default), ``torch`` (the same post-processing as torch
-operations, what runs on CUDA), ``naive`` (below), ``graph`` (``--onnx``).
+operations, what runs on CUDA), ``naive`` (below), ``graph`` (``--onnx``), ``cuda`` (``--cuda``: the torch
+operations on the GPU, from model outputs already there to the label map back in host memory; its memory is
+the peak of torch's CUDA allocator above what the inputs hold).
 
 Input: a synthetic 1025x2049 Cityscapes-like frame (19 classes, things 11..18) with Gaussian center
 peaks (sigma 8), offsets pointing to the centers with noise on thing pixels, and semantic logits with
@@ -182,6 +184,17 @@ def worker(method: str, path: str, repeat: int, threads: int, out_path: str, gra
         def run() -> torch.Tensor:
             return torch.from_numpy(session.run(["panoptic"], feed)[0][0])
 
+    elif method == "cuda":
+        on_gpu = {key: value.cuda() for key, value in inputs.items()}
+
+        def run() -> torch.Tensor:
+            label_map = panoptic_postprocess(
+                on_gpu["semantic_logits"], on_gpu["center"], on_gpu["offset"], THING_IDS, cfg, backend="torch"
+            )[0].label_map
+            return label_map.cpu()  # waits for the GPU
+
+        run()  # CUDA context and kernel loading: not part of the call
+
     elif method in ("compiled", "torch"):
 
         def run() -> torch.Tensor:
@@ -197,11 +210,17 @@ def worker(method: str, path: str, repeat: int, threads: int, out_path: str, gra
         def run() -> torch.Tensor:
             return naive_postprocess(inputs["semantic_logits"], inputs["center"], inputs["offset"], cfg)
 
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter (Linux >= 4.0)
-        f.write("5")
-    before = _rss_kib("VmRSS")
-    label_map = run()
-    extra_mib = (_rss_kib("VmHWM") - before) / 1024
+    if method == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        label_map = run()
+        extra_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter (Linux >= 4.0)
+            f.write("5")
+        before = _rss_kib("VmRSS")
+        label_map = run()
+        extra_mib = (_rss_kib("VmHWM") - before) / 1024
     times, cpu_times = [], []
     for _ in range(repeat):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -241,6 +260,7 @@ def main() -> None:
     )
     parser.add_argument("--onnx", action="store_true",
                         help="also the post-processing of the exported ONNX graph under ONNX Runtime (extra 'export')")
+    parser.add_argument("--cuda", action="store_true", help="also the torch operations on the GPU")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "INPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--graph", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -267,6 +287,8 @@ def main() -> None:
                 if not os.path.exists(graph_path):
                     export_graph(inputs, graph_path)
                 methods.append(("graph", args.naive_repeat))
+            if args.cuda:
+                methods.append(("cuda", args.repeat))
             for method, repeat in methods:
                 out = os.path.join(tmp, f"{method}_{num_centers}.pt")
                 results[method] = measure(method, path, repeat, args.threads, out, args.omp_wait_policy, graph_path)
@@ -291,7 +313,7 @@ def main() -> None:
                     f"peak extra memory {r['extra_mib']:7.1f} MiB"
                 )
             compiled = statistics.median(results["compiled"]["times"])
-            for method in ("torch", "naive", "graph"):
+            for method in ("torch", "naive", "graph", "cuda"):
                 if method in results:
                     t_ratio = statistics.median(results[method]["times"]) / compiled
                     m_ratio = results[method]["extra_mib"] / max(results["compiled"]["extra_mib"], 1e-9)

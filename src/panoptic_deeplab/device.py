@@ -19,5 +19,12 @@ def resolve_device(preference: str | torch.device, local_rank: int = 0) -> torch
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {preference!r} was asked for but CUDA is not available")
     if preference == "cuda":
-        return torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        # Otherwise CUDA fails later with "invalid device ordinal", naming nothing.
+        raise ValueError(
+            f"device {device} was asked for (device {preference!r}, LOCAL_RANK {local_rank}) but only "
+            f"{torch.cuda.device_count()} CUDA device(s) are visible; start at most that many processes per "
+            "machine (torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES"
+        )
     return device

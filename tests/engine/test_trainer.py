@@ -137,6 +137,28 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(make_cfg) -> None:
         Trainer(make_cfg("solver.amp=fp16"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_cuda_training_resumes_and_its_checkpoint_predicts_on_the_cpu(make_cfg, tmp_path: Path, amp: str) -> None:
+    """Steps on CUDA at each precision (fp16 with its loss scaler): finite losses; a resumed run takes the same
+    data and RNG path (losses equal up to CUDA's non-deterministic reductions); the checkpoint runs on the CPU."""
+    common = ("train.device=cuda", f"solver.amp={amp}", "solver.max_iter=4", "train.checkpoint_period=2")
+    straight = train(make_cfg(*common, f"train.output_dir={tmp_path / 'straight'}"))
+    assert all(math.isfinite(h["total"]) for h in straight.history)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "straight" / "model_0000002.pt", resumed_dir)
+    resumed = train(make_cfg(*common, f"train.output_dir={resumed_dir}"), resume="auto")
+    assert [h["iteration"] for h in resumed.history] == [3, 4]
+    expected = [h["total"] for h in straight.history[2:]]
+    assert [h["total"] for h in resumed.history] == pytest.approx(expected, rel=1e-2 if amp != "none" else 1e-4)
+    final = load_checkpoint(resumed_dir / "model_0000004.pt")
+    assert all(t.device.type == "cpu" for t in final["model"].values())
+    assert (final["scaler"] is not None) == (amp == "fp16")
+    predictor = Predictor.from_checkpoint(resumed_dir / "model_0000004.pt", device="cpu")
+    assert predictor.predict(torch.zeros(3, 64, 128)).label_map.shape == (64, 128)
+
+
 def test_cli_train_and_bad_resume(tiny_overrides: list[str], tmp_path: Path, capsys) -> None:
     args = ["train", "--config", "synthetic_mnv3", *tiny_overrides, "solver.max_iter=1"]
     assert cli_main([*args, "--output-dir", str(tmp_path / "cli")]) == 0

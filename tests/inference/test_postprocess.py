@@ -460,17 +460,18 @@ def test_group_property_equals_brute_force(
 
 
 def _assert_same_predictions(a, b) -> None:
+    """Equal predictions (``a`` may live on another device than ``b``; scores to float rounding)."""
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert torch.equal(x.label_map, y.label_map) and torch.equal(x.semantic, y.semantic)
-        assert torch.equal(x.centers, y.centers) and torch.equal(x.center_scores, y.center_scores)
+        assert torch.equal(x.label_map.cpu(), y.label_map) and torch.equal(x.semantic.cpu(), y.semantic)
+        assert torch.equal(x.centers.cpu(), y.centers) and torch.equal(x.center_scores.cpu(), y.center_scores)
         for field in ("ids", "classes", "boxes", "areas", "center_index"):
-            assert torch.equal(getattr(x.instances, field), getattr(y.instances, field)), field
-        torch.testing.assert_close(x.instances.scores, y.instances.scores, rtol=1e-5, atol=1e-7, equal_nan=True)
+            assert torch.equal(getattr(x.instances, field).cpu(), getattr(y.instances, field)), field
+        torch.testing.assert_close(x.instances.scores.cpu(), y.instances.scores, rtol=1e-5, atol=1e-7,
+                                   equal_nan=True)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
-@given(
+_RANDOM_MAPS = given(
     seed=st.integers(0, 2**32 - 1),
     batch=st.integers(1, 2),
     height=st.integers(1, 48),
@@ -482,11 +483,13 @@ def _assert_same_predictions(a, b) -> None:
     void_channel=st.booleans(),
     nan_logits=st.booleans(),
 )
-def test_compiled_backend_equals_torch_backend(
+
+
+def _random_maps(
     seed, batch, height, width, classes, top_k, log_magnitude, integer_offsets, void_channel, nan_logits
-):
-    """The numba kernels give the torch version's maps and instances on random maps: logit ties and NaNs
-    (argmax), exact distance ties, offsets far off the image, a void channel, images with no center."""
+) -> tuple[list[torch.Tensor], list[int], PostProcessConfig]:
+    """Random maps with logit ties and NaNs (argmax), exact distance ties, offsets far off the image, a void
+    channel, images with no center: (logits, heatmap, offsets), thing ids, settings."""
     rng = np.random.default_rng(seed)
     logits = np.round(rng.standard_normal((batch, classes, height, width)) * 2) / 2  # many ties
     if nan_logits:
@@ -498,10 +501,29 @@ def test_compiled_backend_equals_torch_backend(
     thing_ids = sorted(rng.choice(classes - int(void_channel), size=rng.integers(0, classes - int(void_channel)) + 1,
                                   replace=False).tolist())
     cfg = PostProcessConfig(center_threshold=0.5, nms_kernel=3, top_k=top_k, stuff_area=int(rng.integers(1, 50)))
-    inputs = [torch.from_numpy(a.astype(np.float32)) for a in (logits, heat, offset)]
+    return [torch.from_numpy(a.astype(np.float32)) for a in (logits, heat, offset)], thing_ids, cfg
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@_RANDOM_MAPS
+def test_compiled_backend_equals_torch_backend(void_channel, **case):
+    """The numba kernels give the torch version's maps and instances on random maps."""
+    inputs, thing_ids, cfg = _random_maps(void_channel=void_channel, **case)
     expected = panoptic_postprocess(*inputs, thing_ids, cfg, void_channel=void_channel, backend="torch")
     actual = panoptic_postprocess(*inputs, thing_ids, cfg, void_channel=void_channel, backend="compiled")
     _assert_same_predictions(actual, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@settings(max_examples=40, deadline=None, derandomize=True)
+@_RANDOM_MAPS
+def test_cuda_equals_cpu(void_channel, **case):
+    """Post-processing on CUDA (torch operations) gives the CPU default's (numba kernels) maps and instances."""
+    inputs, thing_ids, cfg = _random_maps(void_channel=void_channel, **case)
+    expected = panoptic_postprocess(*inputs, thing_ids, cfg, void_channel=void_channel)
+    on_cuda = panoptic_postprocess(*(t.cuda() for t in inputs), thing_ids, cfg, void_channel=void_channel)
+    assert on_cuda[0].label_map.is_cuda
+    _assert_same_predictions(on_cuda, expected)
 
 
 def test_compiled_backend_threads_and_errors():

@@ -60,14 +60,15 @@ class BlobModel(_Normalising):
         semantic = 20.0 * rgb[:, [1, 2, 0]]
         car = ((rgb[:, 0] > rgb[:, 1] + 0.2) & (rgb[:, 0] > rgb[:, 2] + 0.2)).float()[:, None]
         radius = int(3 * self.sigma)
-        g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * self.sigma**2))
+        g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32, device=images.device) ** 2
+                      / (2 * self.sigma**2))
         g = g / g.sum()
         blur = F.conv2d(car, g.view(1, 1, 1, -1), padding=(0, radius))
         blur = F.conv2d(blur, g.view(1, 1, -1, 1), padding=(radius, 0))
         center = blur  # ~1 at the center of a disk of radius >= 2 sigma
         n, _, h, w = images.shape
-        ys = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(n, 1, h, w)
-        xs = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w).expand(n, 1, h, w)
+        ys = torch.arange(h, dtype=torch.float32, device=images.device).view(1, 1, h, 1).expand(n, 1, h, w)
+        xs = torch.arange(w, dtype=torch.float32, device=images.device).view(1, 1, 1, w).expand(n, 1, h, w)
         pad = self.box // 2
         mass = F.avg_pool2d(car, self.box, 1, pad, count_include_pad=False)
         com_y = F.avg_pool2d(car * ys, self.box, 1, pad, count_include_pad=False) / mass.clamp_min(1e-6)
@@ -86,8 +87,8 @@ class PositionModel(_Normalising):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         n, _, h, w = images.shape
-        ys = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(n, 1, h, w)
-        xs = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w).expand(n, 1, h, w)
+        ys = torch.arange(h, dtype=torch.float32, device=images.device).view(1, 1, h, 1).expand(n, 1, h, w)
+        xs = torch.arange(w, dtype=torch.float32, device=images.device).view(1, 1, 1, w).expand(n, 1, h, w)
         semantic = torch.cat([xs / 10, torch.zeros_like(xs), ys / 10], dim=1)
         offset = torch.cat([self.anchor[0] - ys, self.anchor[1] - xs], dim=1)
         return {"semantic": semantic, "center": xs / 100, "offset": offset}
@@ -396,6 +397,21 @@ def test_from_checkpoint_real_model(checkpoint):
     with pytest.raises(ValueError, match="no 'meta' entry"):
         Predictor.from_checkpoint(no_meta, device="cpu")
     assert Predictor.from_checkpoint(no_meta, device="cpu", meta=META).meta is META
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_checkpoint_with_tta_and_bf16(checkpoint):
+    """A real network on CUDA with flip + multi-scale TTA gives the CPU's results (float noise aside); bf16
+    runs and keeps the output size."""
+    path, _ = checkpoint
+    image = _scene(61, 97, DISKS)
+    options = dict(tta_flip=True, tta_scales=(0.75, 1.0))
+    cpu = Predictor.from_checkpoint(path, device="cpu", **options).predict(image)
+    cuda = Predictor.from_checkpoint(path, device="cuda", **options).predict(image)
+    assert float((cpu.label_map == cuda.label_map).mean()) > 0.99
+    np.testing.assert_allclose(cuda.center, cpu.center, atol=1e-3)
+    bf16 = Predictor.from_checkpoint(path, device="cuda", precision="bf16").predict(image)
+    assert bf16.label_map.shape == (61, 97)
 
 
 def test_cli_predict_folder(checkpoint, tmp_path, capsys):

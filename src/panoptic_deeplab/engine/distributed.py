@@ -78,6 +78,13 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     device = resolve_device(device_preference, local_rank)
     if world_size <= 1:
         return DistInfo(device=device)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
+    if device.type == "cuda" and local_world_size > 1 and device_preference not in ("auto", "cuda"):
+        # NCCL would stop every process with "Duplicate GPU detected" from inside DDP's first collective.
+        raise ValueError(
+            f"device {device_preference!r} puts all {local_world_size} processes of this machine on one GPU, which "
+            "NCCL refuses; use device 'cuda' (or 'auto'): each process then takes cuda:LOCAL_RANK"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -230,7 +230,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoints
 
     def _load(self, path: Path) -> None:
-        state = ckpt_io.load_checkpoint(path, map_location=self.device)
+        # On the CPU: RNG states must be CPU tensors (restore_rng_state), and load_state_dict copies weights and
+        # optimizer state onto the model's device anyway.
+        state = ckpt_io.load_checkpoint(path, map_location="cpu")
         try:
             unwrap_model(self.model).load_state_dict(state["model"])
         except RuntimeError as exc:
