@@ -6,7 +6,7 @@ pipeline in one graph; fp32, and int8 by ``quantize``), for MobileNetV3-L and Re
         [--pq-checkpoint demo_output/train/model_final.pt --pq-split demo_output/data/val]
         [--device cuda [--compile]]
 
-``--device cuda`` runs PyTorch on the GPU instead (eager, channels_last, bf16 autocast; ``--compile`` adds
+``--device cuda`` runs PyTorch on the GPU instead (eager, channels_last, TF32, bf16 autocast; ``--compile`` adds
 ``torch.compile`` of the channels_last network in fp32 and bf16) and the network graph under ONNX Runtime's CUDA
 provider where the installed onnxruntime has it; post-processing then runs on the GPU (torch operations), or on
 the CPU after ONNX Runtime.
@@ -85,6 +85,7 @@ def _cuda_runtimes(checkpoint: Path, folder: Path, compile_network: bool) -> dic
     runs: dict[str, Any] = {
         "PyTorch eager (NCHW)": eager,
         "PyTorch channels_last": Predictor.from_checkpoint(checkpoint, device="cuda"),
+        "PyTorch tf32": Predictor.from_checkpoint(checkpoint, device="cuda", precision="tf32"),
         "PyTorch bf16 autocast": Predictor.from_checkpoint(checkpoint, device="cuda", precision="bf16"),
     }
     if compile_network:

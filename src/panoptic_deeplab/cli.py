@@ -71,6 +71,7 @@ CONVERT_DATASET_SOURCES = {
     "semantic-instance": ("--images", "--categories", "--semantic", "--instance"),
     "label-map": ("--images", "--categories", "--labels"),
     "cityscapes": ("--cityscapes",),
+    "coco-instances": ("--images", "--instances"),
 }
 
 
@@ -85,14 +86,16 @@ def _add_convert_dataset(sub: argparse._SubParsersAction) -> None:
         "PNG, 32-bit TIFF or .npy). Stuff classes give one segment per image, each (thing class, instance id > 0) "
         "one instance, thing pixels with instance 0 the class's crowd region; --ignore-label is void. cityscapes "
         "(--cityscapes ROOT with gtFine/ and leftImg8bit/): what cityscapesscripts' createPanopticImgs writes, "
-        "label ids or --train-ids, no environment variables. Exit status: "
+        "label ids or --train-ids, no environment variables. coco-instances (--instances JSON --images DIR, "
+        "optionally --stuff DIR of stuff maps with --categories): overlapping annotations give each pixel to the "
+        "smallest mask, crowds only what no instance covers. Exit status: "
         "0 written and valid, 1 written with problems (listed), 2 unusable input (the message names the file).",
     )
     p.add_argument("--from", dest="source", required=True, choices=sorted(CONVERT_DATASET_SOURCES))
-    p.add_argument("--images", help="semantic-instance, label-map: folder of the images")
+    p.add_argument("--images", help="semantic-instance, label-map, coco-instances: folder of the images")
     p.add_argument("--categories",
                    help="semantic-instance, label-map: YAML or JSON list of categories: id, name, isthing (1 thing, "
-                   "0 stuff), optional color")
+                   "0 stuff), optional color; coco-instances: the stuff categories of --stuff (and colours)")
     p.add_argument("--out", required=True, help="output directory OUT")
     p.add_argument("--split", default="train", help="split name (default train)")
     p.add_argument("--semantic", help="semantic-instance: folder of semantic maps (category id per pixel)")
@@ -102,12 +105,20 @@ def _add_convert_dataset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-label", type=int, default=255, help="the class value that means void (default 255)")
     p.add_argument("--cityscapes", help="cityscapes: the dataset root (gtFine/, leftImg8bit/); --split names its split")
     p.add_argument("--train-ids", action="store_true", help="cityscapes: category ids are train ids 0..18")
+    p.add_argument("--instances", help="coco-instances: the COCO instances JSON (polygons or RLE)")
+    p.add_argument("--stuff", help="coco-instances: folder of stuff maps (category id per pixel, named like the "
+                   "images), optional")
     p.add_argument("--copy-images", action="store_true", help="copy the images instead of linking them")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def _run_convert_dataset(args: argparse.Namespace) -> int:
-    from panoptic_deeplab.data.converters import convert_cityscapes, convert_label_maps, convert_semantic_instance
+    from panoptic_deeplab.data.converters import (
+        convert_cityscapes,
+        convert_coco_instances,
+        convert_label_maps,
+        convert_semantic_instance,
+    )
     from panoptic_deeplab.data.validate import summarize, validate_dataset
 
     needed = CONVERT_DATASET_SOURCES[args.source]
@@ -118,6 +129,9 @@ def _run_convert_dataset(args: argparse.Namespace) -> int:
     common = dict(out_dir=args.out, split=args.split, copy_images=args.copy_images, progress=not args.no_progress)
     if args.source == "cityscapes":
         split = convert_cityscapes(args.cityscapes, train_ids=args.train_ids, **common)
+    elif args.source == "coco-instances":
+        split = convert_coco_instances(args.images, args.instances, stuff=args.stuff, categories=args.categories,
+                                       ignore_label=args.ignore_label, **common)
     elif args.source == "semantic-instance":
         split = convert_semantic_instance(args.images, args.semantic, args.instance, args.categories,
                                           ignore_label=args.ignore_label, **common)
@@ -125,7 +139,9 @@ def _run_convert_dataset(args: argparse.Namespace) -> int:
         split = convert_label_maps(args.images, args.labels, args.categories, label_divisor=args.label_divisor,
                                    ignore_label=args.ignore_label, **common)
     print(f"wrote {split.images} images: {split.thing_segments} thing instances, {split.crowd_segments} crowd "
-          f"regions, {split.stuff_segments} stuff regions")
+          f"regions, {split.stuff_segments} stuff regions"
+          + (f"; {split.dropped_annotations} annotations dropped (covered by others)" if split.dropped_annotations
+             else ""))
     problems = validate_dataset(split.json_path, split.png_dir, split.image_dir, progress=not args.no_progress)
     for problem in problems:
         print(problem)
@@ -276,9 +292,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_precision(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="network arithmetic: fp32 (exact, default) or bf16 (autocast; 2-3x faster on CPUs with "
-                        "AVX512-BF16/AMX and on GPUs; checkpoints only)")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32",
+                        help="network arithmetic: fp32 (exact, default), tf32 (CUDA's TF32 convolutions: ResNet-50 "
+                        "1.25x faster on an H200, labels less exact) or bf16 (autocast; about 1.5x faster end to end "
+                        "on CPUs with AVX512-BF16/AMX, 1.0-1.2x on an H200); tf32 and bf16 for checkpoints only")
 
 
 def _run_predict(args: argparse.Namespace) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 
@@ -28,3 +31,16 @@ def resolve_device(preference: str | torch.device, local_rank: int = 0) -> torch
             "machine (torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES"
         )
     return device
+
+
+@contextmanager
+def cuda_tf32(enabled: bool) -> Iterator[None]:
+    """Let CUDA's convolutions and matrix products round float32 inputs to TF32 inside the block, or not; the
+    previous settings come back after it. PyTorch's default lets cuDNN convolutions use TF32, which moved a
+    random-weight ResNet-50's 1024x2048 labels off the CPU's on 76% of the pixels on an H200 (0.005% without)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -292,3 +292,180 @@ def test_remaining_refusals_have_exact_messages(source, tmp_path) -> None:
                            "--calibration", str(source["root"] / "images"), "--max-images", "0", "--output", "y.onnx"],
                           capture_output=True, text=True)
     assert (done.returncode, done.stderr) == (2, "error: --max-images must be at least 1, got 0\n")
+
+
+def _column_major_runs(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO RLE counts of a boolean mask (runs of 0, 1, 0, ... in column-major order)."""
+    flat = mask.T.reshape(-1).astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0, *runs] if flat[0] else runs
+
+
+def test_coco_instances_round_trip_with_stuff_maps(source, tmp_path) -> None:
+    """The synthetic ground truth as a COCO instances JSON (compressed and uncompressed RLE, crowds) plus stuff
+    maps that also carry the thing classes (as COCO-Stuff's do) converts back to the same segmentation."""
+    from pycocotools import mask as mask_utils
+
+    from panoptic_deeplab.data.converters import convert_coco_instances
+
+    meta = synthetic_meta()
+    things = {c.id for c in meta.categories if c.isthing}
+    (tmp_path / "stuff").mkdir()
+    images, annotations = [], []
+    for image_id, (stem, (ids, segments)) in enumerate(sorted(source["truth"].items()), start=10):
+        images.append({"id": image_id, "file_name": f"{stem}.jpg", "height": SIZE[0], "width": SIZE[1]})
+        stuff = np.full(SIZE, 255, dtype=np.uint8)
+        for segment in segments:
+            mask = ids == segment.id
+            stuff[mask] = segment.category_id
+            if segment.category_id not in things:
+                continue
+            if len(annotations) % 2:
+                rle = {"size": list(SIZE), "counts": _column_major_runs(mask)}
+            else:
+                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+                rle = {"size": list(SIZE), "counts": rle["counts"].decode("ascii")}
+            annotations.append({"id": 100 + len(annotations), "image_id": image_id, "category_id": segment.category_id,
+                                "segmentation": rle, "iscrowd": int(segment.iscrowd), "area": segment.area,
+                                "bbox": list(segment.bbox)})
+        Image.fromarray(stuff).save(tmp_path / "stuff" / f"{stem}.png")
+    categories = [{"id": c.id, "name": c.name, "supercategory": "thing"} for c in meta.categories if c.isthing]
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    assert any(a["iscrowd"] for a in annotations)
+
+    split = convert_coco_instances(source["root"] / "images", instances, tmp_path / "out", stuff=tmp_path / "stuff",
+                                   categories=source["categories"])
+    _assert_same_segmentation(split, source["truth"])
+    assert split.dropped_annotations == 0
+    assert [im.id for im in load_panoptic_json(split.json_path).images] == [10, 11, 12]
+
+    # Through the CLI, without stuff maps: the things alone, every other pixel void.
+    out = tmp_path / "cli"
+    result = subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", "convert-dataset", "--from", "coco-instances",
+                             "--instances", str(instances), "--images", str(source["root"] / "images"), "--out",
+                             str(out), "--no-progress"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    thing_segments = sum(1 for a in annotations if not a["iscrowd"])
+    crowds = len(annotations) - thing_segments
+    assert result.stdout.splitlines()[0] == (f"wrote 3 images: {thing_segments} thing instances, {crowds} crowd "
+                                             "regions, 0 stuff regions")
+    dataset = load_panoptic_json(out / "train" / "panoptic_train.json")
+    assert all(c.isthing for c in dataset.meta.categories)
+    for annotation, (ids, segments) in zip(dataset.annotations, (source["truth"][s] for s in sorted(source["truth"]))):
+        written = read_panoptic_png(out / "train" / "panoptic" / annotation.file_name)
+        thing_pixels = np.isin(ids, [s.id for s in segments if s.category_id in things])
+        assert ((written != 0) == thing_pixels).all()
+
+
+def test_coco_instances_overlap_rule_polygons_and_dropped_annotations(tmp_path) -> None:
+    from panoptic_deeplab.data.converters import convert_coco_instances
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+
+    def box(y0: int, x0: int, y1: int, x1: int) -> dict:
+        mask = np.zeros((20, 20), bool)
+        mask[y0:y1, x0:x1] = True
+        return {"size": [20, 20], "counts": _column_major_runs(mask)}
+
+    annotations = [
+        {"id": 1, "category_id": 1, "segmentation": box(0, 0, 10, 10)},  # large, under the small ones
+        {"id": 2, "category_id": 1, "segmentation": box(5, 5, 8, 8)},  # small: wins its pixels
+        {"id": 3, "category_id": 2, "segmentation": box(0, 0, 20, 20), "iscrowd": 1},  # only what nothing covers
+        {"id": 4, "category_id": 1, "segmentation": box(5, 5, 8, 8)},  # same mask as 2, higher id: dropped
+        # a polygon: the triangle (12, 12), (18, 12), (12, 18) in x, y
+        {"id": 5, "category_id": 2, "segmentation": [[12.0, 12.0, 18.0, 12.0, 12.0, 18.0]]},
+    ]
+    for annotation in annotations:
+        annotation["image_id"] = 7
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "a.png", "height": 20, "width": 20}], "annotations": annotations,
+        "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "person"}]}))
+    split = convert_coco_instances(tmp_path / "images", instances, tmp_path / "out")
+    assert split.dropped_annotations == 1
+    assert (split.thing_segments, split.crowd_segments, split.stuff_segments) == (3, 1, 0)
+    (annotation,) = load_panoptic_json(split.json_path).annotations
+    segments = {s.id: s for s in annotation.segments_info}
+    written = read_panoptic_png(split.png_dir / "a.png")
+    # segment ids follow the kept annotations' ids: 1 -> 1, 2 -> 2, 3 -> 3 (crowd), 5 -> 4
+    assert (written[5:8, 5:8] == 2).all() and segments[2].area == 9
+    assert segments[1].area == 100 - 9 and (written[:10, :10][written[:10, :10] != 2] == 1).all()
+    assert segments[3].iscrowd and segments[3].category_id == 2
+    triangle = written == 4
+    assert segments[4].category_id == 2 and 15 <= triangle.sum() <= 25 and triangle[13, 13]
+    assert (written[written == 3].size + triangle.sum() + 100) == 400  # every other pixel is the crowd's
+
+
+def test_coco_instances_bad_input(source, tmp_path) -> None:
+    from panoptic_deeplab.data.converters import convert_coco_instances
+    from panoptic_deeplab.data.converters.coco_instances import decode_segmentation
+
+    images = source["root"] / "images"
+    instances = tmp_path / "instances.json"
+    image = {"id": 1, "file_name": "frame0.jpg", "height": SIZE[0], "width": SIZE[1]}
+    good = {"id": 5, "image_id": 1, "category_id": 24, "segmentation": [[1, 1, 9, 1, 1, 9]]}
+
+    def convert(annotations: list, **options):
+        instances.write_text(json.dumps({"images": [image], "annotations": annotations,
+                                         "categories": [{"id": 24, "name": "person"}]}))
+        return convert_coco_instances(images, instances, tmp_path / "out", **options)
+
+    cases = [
+        ({**good, "category_id": 3}, "annotation 5: unknown category id 3"),
+        ({**good, "image_id": 2}, "annotation 5: unknown image id 2"),
+        ({"id": 5, "image_id": 1}, "annotation 5: lacks category_id, segmentation"),
+        ({**good, "segmentation": [[1, 1, 9, 1]]}, "image 1: annotation 5: polygons must be lists of x, y numbers, "
+                                                  "at least 3 points each"),
+        ({**good, "segmentation": {"size": [4, 4], "counts": [16]}},
+         r"image 1: annotation 5: RLE size \[4, 4\] but the image is 64x112 \(HxW\)"),
+        ({**good, "segmentation": {"size": list(SIZE), "counts": [5, 3]}},
+         "image 1: annotation 5: RLE counts cover 8 pixels, the image has 7168"),
+        ({**good, "segmentation": {"size": list(SIZE), "counts": "ab~"}},
+         "image 1: annotation 5: character '~' is not in the RLE alphabet"),
+        ({**good, "segmentation": {"size": list(SIZE), "counts": "0o"}},
+         "image 1: annotation 5: the counts string ends inside a number"),
+        ({**good, "segmentation": "mask"}, "image 1: annotation 5: segmentation is neither polygons nor an RLE"),
+    ]
+    for annotation, message in cases:
+        with pytest.raises(DatasetError, match=f"^{instances}: {message}"):
+            convert([annotation])
+    with pytest.raises(ValueError, match="^--stuff needs --categories: the stuff maps' category ids"):
+        convert([good], stuff=tmp_path)
+    stuff = tmp_path / "stuff"
+    stuff.mkdir()
+    np.save(stuff / "frame0.npy", np.full(SIZE, 9, dtype=np.int32))
+    with pytest.raises(DatasetError, match=rf"^{stuff / 'frame0.npy'}: unknown class id\(s\) \[9\]; the stuff "
+                                           r"categories are \[3, 7, 11, 12\], 255 is void \(--ignore-label\)"):
+        convert([good], stuff=stuff, categories=source["categories"])
+    np.save(stuff / "frame0.npy", np.full((8, 8), 3, dtype=np.int32))
+    with pytest.raises(DatasetError, match=rf"^{stuff / 'frame0.npy'}: is 8x8 \(HxW\) but {instances} gives image 1 "
+                                           "as 64x112"):
+        convert([good], stuff=stuff, categories=source["categories"])
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("- {id: 24, name: person, isthing: 0}")
+    with pytest.raises(DatasetError, match=rf"^{wrong}: category 24 \(person\) is stuff here but an instance "
+                                           rf"category in {instances}"):
+        convert([good], categories=wrong)
+    image["height"] = 60
+    with pytest.raises(DatasetError, match=rf"^{instances}: image 1: is 60x112 \(HxW\) but its image "
+                                           rf"{images / 'frame0.jpg'} is 64x112"):
+        convert([{**good, "segmentation": {"size": [60, 112], "counts": [60 * 112]}}])
+    instances.write_text("{not json")
+    with pytest.raises(DatasetError, match=rf"^{instances}: not a JSON file"):
+        convert_coco_instances(images, instances, tmp_path / "out")
+    instances.write_text(json.dumps({"images": []}))
+    with pytest.raises(DatasetError, match=rf"^{instances}: not a COCO instances JSON: it needs the lists 'images', "
+                                           "'annotations' and 'categories'"):
+        convert_coco_instances(images, instances, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=f"^instances JSON {tmp_path} is a directory"):
+        convert_coco_instances(images, tmp_path, tmp_path / "out")
+    # the decoder against pycocotools' own encoder, on a random mask
+    from pycocotools import mask as mask_utils
+
+    mask = np.random.default_rng(0).random((37, 53)) < 0.3
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    decoded = decode_segmentation({"size": [37, 53], "counts": encoded["counts"].decode()}, 37, 53)
+    np.testing.assert_array_equal(decoded, mask)

@@ -518,6 +518,28 @@ def test_checkpoint_predictor_runs_channels_last(tmp_path) -> None:
         assert torch.allclose(got[key], want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), key
 
 
+def test_fp32_turns_cuda_tf32_off_for_the_network_and_tf32_on() -> None:
+    """CUDA's TF32 switches as the network sees them (global flags, readable without a GPU), and after the call."""
+
+    class FlagProbe(_Normalising):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))  # a PyTorch model, as tf32 asks
+            self.seen: list[tuple[bool, bool]] = []
+
+        def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return PositionModel().forward(images)
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    cfg = ModelConfig(num_classes=3, output_stride=16)
+    for precision, expected in (("fp32", (False, False)), ("tf32", (True, True))):
+        probe = FlagProbe()
+        Predictor(probe, (cfg, POST), META, device="cpu", precision=precision).predict(_scene(20, 30, []))
+        assert probe.seen == [expected], precision
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
 def test_bf16_precision_runs_the_network_in_bfloat16(tmp_path) -> None:
     from panoptic_deeplab.checkpoint import atomic_torch_save
     from panoptic_deeplab.cli import main
@@ -545,7 +567,7 @@ def test_bf16_precision_runs_the_network_in_bfloat16(tmp_path) -> None:
     # bfloat16 keeps 8 bits of mantissa: the same field, not the same numbers (random deep weights amplify it)
     assert not np.array_equal(a.center, b.center)
     assert np.corrcoef(a.center.ravel(), b.center.ravel())[0, 1] > 0.8
-    with pytest.raises(ValueError, match=r"precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match=r"precision must be one of fp32, tf32, bf16, got 'fp16'"):
         Predictor.from_checkpoint(path, device="cpu", precision="fp16")
     with pytest.raises(ValueError, match=r"precision bf16 needs a PyTorch model"):
         Predictor(nn.Identity(), (fp32.model_cfg, fp32.postprocess_cfg), fp32.meta, device="cpu", precision="bf16")

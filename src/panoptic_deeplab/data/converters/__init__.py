@@ -5,6 +5,7 @@ that turn class and instance maps into segments, and the split writer they share
 """
 
 from .cityscapes import convert_cityscapes
+from .coco_instances import convert_coco_instances
 from .common import ConvertedSplit, read_categories, segments_from_maps
 from .label_map import convert_label_maps
 from .semantic_instance import convert_semantic_instance
@@ -12,6 +13,7 @@ from .semantic_instance import convert_semantic_instance
 __all__ = [
     "ConvertedSplit",
     "convert_cityscapes",
+    "convert_coco_instances",
     "convert_label_maps",
     "convert_semantic_instance",
     "read_categories",

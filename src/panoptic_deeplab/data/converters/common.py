@@ -171,6 +171,7 @@ class ConvertedSplit:
     stuff_segments: int
     thing_segments: int
     crowd_segments: int
+    dropped_annotations: int = 0  # coco-instances: annotations that others covered entirely
 
 
 class SplitWriter:
