@@ -13,6 +13,7 @@ from panoptic_deeplab.config import (
     load_config,
     save_config,
 )
+from panoptic_deeplab.data.metadata import dataset_meta
 from panoptic_deeplab.data.synthetic import synthetic_meta
 
 
@@ -46,6 +47,9 @@ def test_preset_values_follow_the_recipes():
     coco = load_config("coco_r50")
     assert coco.data.crop_size == (641, 641) and coco.model.num_classes == 133 and coco.solver.lr == 5e-4
     assert coco.solver.max_iter == 200000 and coco.postprocess.nms_kernel == 41 and coco.postprocess.stuff_area == 4096
+    mapillary = load_config("mapillary_r50")
+    assert mapillary.model.num_classes == dataset_meta("mapillary_vistas").num_classes == 65
+    assert mapillary.data.crop_size == (1025, 1025) and mapillary.model.backbone == "resnet50"
 
 
 def test_overrides_are_parsed_and_coerced():

@@ -101,8 +101,9 @@ def test_every_readme_command_is_known_and_parses() -> None:
 
 
 def test_readme_dataset_presets_exist() -> None:
-    presets = set(re.findall(r"`((?:cityscapes|coco|synthetic)_[a-z0-9]+)`", README))
-    assert presets >= {"cityscapes_r50", "cityscapes_x71", "cityscapes_mnv3", "coco_r50", "synthetic_mnv3"}
+    presets = set(re.findall(r"`((?:cityscapes|coco|synthetic|mapillary)_[a-z0-9]+)`", README))
+    assert presets >= {"cityscapes_r50", "cityscapes_x71", "cityscapes_mnv3", "coco_r50", "synthetic_mnv3",
+                       "mapillary_r50"}
     for preset in presets:
         load_config(preset)
 

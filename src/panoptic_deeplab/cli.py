@@ -72,7 +72,10 @@ CONVERT_DATASET_SOURCES = {
     "label-map": ("--images", "--categories", "--labels"),
     "cityscapes": ("--cityscapes",),
     "coco-instances": ("--images", "--instances"),
+    "mapillary": ("--mapillary",),
 }
+DROPPED_BECAUSE = {"coco-instances": "annotations that others cover entirely",
+                   "mapillary": "no pixels left at the new size"}
 
 
 def _add_convert_dataset(sub: argparse._SubParsersAction) -> None:
@@ -88,7 +91,9 @@ def _add_convert_dataset(sub: argparse._SubParsersAction) -> None:
         "(--cityscapes ROOT with gtFine/ and leftImg8bit/): what cityscapesscripts' createPanopticImgs writes, "
         "label ids or --train-ids, no environment variables. coco-instances (--instances JSON --images DIR, "
         "optionally --stuff DIR of stuff maps with --categories): overlapping annotations give each pixel to the "
-        "smallest mask, crowds only what no instance covers. Exit status: "
+        "smallest mask, crowds only what no instance covers. mapillary (--mapillary ROOT, --split train or val, "
+        "--version v1.2 or v2.0): resized to a long side of --long-side pixels (the paper's 2177; 0 keeps "
+        "the sizes). Exit status: "
         "0 written and valid, 1 written with problems (listed), 2 unusable input (the message names the file).",
     )
     p.add_argument("--from", dest="source", required=True, choices=sorted(CONVERT_DATASET_SOURCES))
@@ -106,6 +111,11 @@ def _add_convert_dataset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cityscapes", help="cityscapes: the dataset root (gtFine/, leftImg8bit/); --split names its split")
     p.add_argument("--train-ids", action="store_true", help="cityscapes: category ids are train ids 0..18")
     p.add_argument("--instances", help="coco-instances: the COCO instances JSON (polygons or RLE)")
+    p.add_argument("--mapillary", help="mapillary: the dataset root (training/, validation/); --split names its split")
+    p.add_argument("--version", choices=("v1.2", "v2.0"), default="v1.2",
+                   help="mapillary: the label version (default v1.2, 65 classes, the paper's)")
+    p.add_argument("--long-side", type=int, default=2177,
+                   help="mapillary: resize every image to this long side (default 2177, the paper's; 0 keeps them)")
     p.add_argument("--stuff", help="coco-instances: folder of stuff maps (category id per pixel, named like the "
                    "images), optional")
     p.add_argument("--copy-images", action="store_true", help="copy the images instead of linking them")
@@ -117,6 +127,7 @@ def _run_convert_dataset(args: argparse.Namespace) -> int:
         convert_cityscapes,
         convert_coco_instances,
         convert_label_maps,
+        convert_mapillary,
         convert_semantic_instance,
     )
     from panoptic_deeplab.data.validate import summarize, validate_dataset
@@ -129,6 +140,8 @@ def _run_convert_dataset(args: argparse.Namespace) -> int:
     common = dict(out_dir=args.out, split=args.split, copy_images=args.copy_images, progress=not args.no_progress)
     if args.source == "cityscapes":
         split = convert_cityscapes(args.cityscapes, train_ids=args.train_ids, **common)
+    elif args.source == "mapillary":
+        split = convert_mapillary(args.mapillary, version=args.version, long_side=args.long_side, **common)
     elif args.source == "coco-instances":
         split = convert_coco_instances(args.images, args.instances, stuff=args.stuff, categories=args.categories,
                                        ignore_label=args.ignore_label, **common)
@@ -140,8 +153,8 @@ def _run_convert_dataset(args: argparse.Namespace) -> int:
                                    ignore_label=args.ignore_label, **common)
     print(f"wrote {split.images} images: {split.thing_segments} thing instances, {split.crowd_segments} crowd "
           f"regions, {split.stuff_segments} stuff regions"
-          + (f"; {split.dropped_annotations} annotations dropped (covered by others)" if split.dropped_annotations
-             else ""))
+          + (f"; {split.dropped_segments} segments dropped ({DROPPED_BECAUSE[args.source]})"
+             if split.dropped_segments else ""))
     problems = validate_dataset(split.json_path, split.png_dir, split.image_dir, progress=not args.no_progress)
     for problem in problems:
         print(problem)
@@ -197,6 +210,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from panoptic_deeplab.checkpoint import CheckpointError
     from panoptic_deeplab.config import load_config
+    from panoptic_deeplab.engine.distributed import is_peer_failure, rank_prefix
     from panoptic_deeplab.engine.trainer import CheckpointWriteError, TrainingDivergedError, TrainingPreempted, train
 
     # Under torchrun only rank 0 reports progress; the other ranks print warnings and errors.
@@ -207,17 +221,25 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         cfg.train.output_dir = args.output_dir
     check_output_dir(cfg.train.output_dir, "--output-dir" if args.output_dir is not None else "train.output_dir")
+    where = rank_prefix()
     try:
         result = train(cfg, resume=args.resume)
     except (TrainingDivergedError, CheckpointWriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {where}{exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     except TrainingPreempted as exc:
-        print(f"preempted: {exc}", file=sys.stderr)
+        print(f"preempted: {where}{exc}", file=sys.stderr)
         return EXIT_PREEMPTED
     except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {where}{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError as exc:
+        if not (where and is_peer_failure(exc)):
+            raise
+        # The failed process printed its own error; this one only says why it stopped too.
+        print(f"error: {where}stopped because another process of this job failed (its error is above; torchrun's "
+              f"summary names its rank): {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_PROBLEMS
     if main_rank:
         best = f", best PQ {100 * result.best_metric:.2f} at iteration {result.best_iteration}" \
             if result.best_metric is not None else ""
@@ -678,7 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from panoptic_deeplab.engine.distributed import rank_prefix
+
+        print(f"error: {rank_prefix()}{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

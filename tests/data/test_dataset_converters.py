@@ -338,7 +338,7 @@ def test_coco_instances_round_trip_with_stuff_maps(source, tmp_path) -> None:
     split = convert_coco_instances(source["root"] / "images", instances, tmp_path / "out", stuff=tmp_path / "stuff",
                                    categories=source["categories"])
     _assert_same_segmentation(split, source["truth"])
-    assert split.dropped_annotations == 0
+    assert split.dropped_segments == 0
     assert [im.id for im in load_panoptic_json(split.json_path).images] == [10, 11, 12]
 
     # Through the CLI, without stuff maps: the things alone, every other pixel void.
@@ -359,7 +359,7 @@ def test_coco_instances_round_trip_with_stuff_maps(source, tmp_path) -> None:
         assert ((written != 0) == thing_pixels).all()
 
 
-def test_coco_instances_overlap_rule_polygons_and_dropped_annotations(tmp_path) -> None:
+def test_coco_instances_overlap_rule_polygons_and_dropped_segments(tmp_path) -> None:
     from panoptic_deeplab.data.converters import convert_coco_instances
 
     (tmp_path / "images").mkdir()
@@ -385,7 +385,7 @@ def test_coco_instances_overlap_rule_polygons_and_dropped_annotations(tmp_path) 
         "images": [{"id": 7, "file_name": "a.png", "height": 20, "width": 20}], "annotations": annotations,
         "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "person"}]}))
     split = convert_coco_instances(tmp_path / "images", instances, tmp_path / "out")
-    assert split.dropped_annotations == 1
+    assert split.dropped_segments == 1
     assert (split.thing_segments, split.crowd_segments, split.stuff_segments) == (3, 1, 0)
     (annotation,) = load_panoptic_json(split.json_path).annotations
     segments = {s.id: s for s in annotation.segments_info}
@@ -469,3 +469,101 @@ def test_coco_instances_bad_input(source, tmp_path) -> None:
     encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     decoded = decode_segmentation({"size": [37, 53], "counts": encoded["counts"].decode()}, 37, 53)
     np.testing.assert_array_equal(decoded, mask)
+
+
+def _mapillary_root(tmp_path: Path, layout: str) -> Path:
+    """A Mapillary Vistas tree made of synthetic images: ``v2.0`` (the v2.0 release: v1.2/ and v2.0/ label folders)
+    or ``v1.2`` (the v1.2 release: panoptic/ beside images/)."""
+    import shutil
+
+    from panoptic_deeplab.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path / "mapillary"
+    make_synthetic_dataset(tmp_path / "synthetic", "training", 3, SIZE, seed=3)
+    source = tmp_path / "synthetic" / "training"
+    shutil.copytree(source / "images", root / "training" / "images")
+    label_dirs = [root / "training" / "v1.2" / "panoptic", root / "training" / "v2.0" / "panoptic"] \
+        if layout == "v2.0" else [root / "training" / "panoptic"]
+    for folder, name in zip(label_dirs, ("panoptic_2018.json", "panoptic_2020.json")):
+        shutil.copytree(source / "panoptic", folder)
+        shutil.copy(source / "panoptic_training.json", folder / name)
+    return root
+
+
+def test_mapillary_resizes_to_the_long_side_and_remeasures(tmp_path) -> None:
+    from panoptic_deeplab.data.converters import convert_mapillary
+
+    root = _mapillary_root(tmp_path, "v2.0")
+    original = load_panoptic_json(root / "training" / "v2.0" / "panoptic" / "panoptic_2020.json")
+    # twice the size: nearest-neighbour doubling copies every label pixel 2x2, so areas are exactly 4x
+    split = convert_mapillary(root, tmp_path / "out", split="train", version="v2.0", long_side=2 * SIZE[1])
+    assert validate_dataset(split.json_path, split.png_dir, split.image_dir, progress=False) == []
+    assert split.json_path == tmp_path / "out" / "train" / "panoptic_train.json" and split.dropped_segments == 0
+    dataset = load_panoptic_json(split.json_path)
+    assert dataset.meta.to_json() == original.meta.to_json()
+    for before, after, image in zip(original.annotations, dataset.annotations, dataset.images):
+        assert (image.height, image.width) == (2 * SIZE[0], 2 * SIZE[1])
+        assert Image.open(split.image_dir / image.file_name).size == (2 * SIZE[1], 2 * SIZE[0])
+        assert not (split.image_dir / image.file_name).is_symlink()
+        for a, b in zip(before.segments_info, after.segments_info):
+            assert (b.id, b.category_id, b.iscrowd) == (a.id, a.category_id, a.iscrowd)
+            assert b.area == 4 * a.area and b.bbox == tuple(2 * v for v in a.bbox)
+    # shrunk to a long side of 16 px, small segments vanish: dropped and counted, the split still valid
+    small = convert_mapillary(root, tmp_path / "small", split="training", version="v2.0", long_side=16)
+    assert small.dropped_segments > 0
+    assert validate_dataset(small.json_path, small.png_dir, small.image_dir, progress=False) == []
+
+
+def test_mapillary_v12_release_kept_at_its_size_through_the_cli(tmp_path) -> None:
+    root = _mapillary_root(tmp_path, "v1.2")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", "convert-dataset", "--from", "mapillary",
+                             "--mapillary", str(root), "--split", "train", "--long-side", "0", "--out", str(out),
+                             "--no-progress"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "validate: no problems found" in result.stdout
+    original = load_panoptic_json(root / "training" / "panoptic" / "panoptic_2018.json")
+    written = load_panoptic_json(out / "train" / "panoptic_train.json")
+    assert [a.segments_info for a in written.annotations] == [a.segments_info for a in original.annotations]
+    for annotation in original.annotations:
+        np.testing.assert_array_equal(read_panoptic_png(out / "train" / "panoptic" / annotation.file_name),
+                                      read_panoptic_png(root / "training" / "panoptic" / annotation.file_name))
+    assert all((out / "train" / "images" / im.file_name).is_symlink() for im in written.images)
+
+
+def test_mapillary_bad_input(tmp_path) -> None:
+    import json as json_module
+
+    from panoptic_deeplab.data.converters import convert_mapillary
+    from panoptic_deeplab.data.metadata import dataset_meta
+
+    meta = dataset_meta("mapillary_vistas")
+    assert (meta.num_classes, len(meta.thing_train_ids)) == (65, 37)
+    assert meta.categories[13].name == "Road" and meta.categories[55].name == "Car"
+    root = _mapillary_root(tmp_path, "v1.2")
+    with pytest.raises(FileNotFoundError) as info:
+        convert_mapillary(root, tmp_path / "a", version="v2.0")
+    assert str(info.value) == (f"{root} is not a Mapillary Vistas v2.0 root: none of "
+                               f"{root / 'training' / 'v2.0' / 'panoptic'} exists")
+    with pytest.raises(ValueError, match=r"^Mapillary Vistas version must be one of v1.2, v2.0, got 'v3'"):
+        convert_mapillary(root, tmp_path / "a", version="v3")
+    with pytest.raises(ValueError, match="^--long-side must be 0 .* got -5"):
+        convert_mapillary(root, tmp_path / "a", long_side=-5)
+    folder = root / "training" / "panoptic"
+    json_path = folder / "panoptic_2018.json"
+    data = json_module.loads(json_path.read_text())
+    (folder / "panoptic_2020.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"^{folder} holds 2 panoptic_\*\.json files, expected one"):
+        convert_mapillary(root, tmp_path / "a")
+    (folder / "panoptic_2020.json").unlink()
+    first = data["images"][0]
+    png = folder / data["annotations"][0]["file_name"]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+    with pytest.raises(DatasetError, match=rf"^{png}: is 8x8 \(HxW\) but its image "
+                                           rf"{root / 'training' / 'images' / first['file_name']} is 64x112"):
+        convert_mapillary(root, tmp_path / "b")
+    data["annotations"] = data["annotations"][1:]
+    json_path.write_text(json_module.dumps(data))
+    with pytest.raises(DatasetError, match=rf"^{json_path}: image {first['id']!r} \({first['file_name']}\) has no "
+                                           "annotation"):
+        convert_mapillary(root, tmp_path / "c")

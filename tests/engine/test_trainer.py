@@ -24,6 +24,7 @@ from panoptic_deeplab.inference.predictor import Predictor
 from panoptic_deeplab.engine import CheckpointError, Trainer, TrainingDivergedError, load_checkpoint, poly_lr_factor, train
 from panoptic_deeplab.engine.trainer import state_dict_digest
 from panoptic_deeplab.modeling.losses import PanopticDeepLabLoss
+from tiny_setup import synthetic_data_overrides
 
 
 def test_poly_lr_factor() -> None:
@@ -187,6 +188,30 @@ def test_torchrun_two_processes_gloo(tiny_overrides: list[str], tmp_path: Path) 
     assert state_dict_digest(ckpt["model"]) == match.group(1)
     assert len(ckpt["rng"]) == 2  # one RNG state per rank
     assert "4 images per step" in log  # 2 per process x 2 processes
+
+
+def test_torchrun_rank_that_fails_stops_the_job_and_is_named(tiny_overrides, private_data, tmp_path) -> None:
+    """One rank raises (a corrupt image only it reads) while the other waits in DDP's gradient all-reduce: the
+    job ends soon, not at the process group's timeout, and the output names the failed rank and the file."""
+    images = sorted((private_data / "train" / "images").iterdir())
+    images[0].write_bytes(b"this is not an image")  # read by one rank in the first epoch, by the other not at all
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "panoptic_deeplab.cli", "train", "--config", "synthetic_mnv3", "--output-dir", str(tmp_path / "ddp"),
+        *tiny_overrides, *synthetic_data_overrides(private_data), "solver.max_iter=6",
+    ]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    elapsed = time.monotonic() - start
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-4000:]
+    assert elapsed < 120, f"took {elapsed:.0f} s\n{log[-4000:]}"
+    failed = re.search(rf"error: rank (\d) of 2: {re.escape(str(images[0]))}: unreadable or truncated image", log)
+    assert failed, log[-4000:]
+    other = 1 - int(failed.group(1))
+    assert f"[rank{other}]: Traceback" not in log, log[-4000:]
+    assert f"error: rank {other} of 2: stopped because another process of this job failed" in log, log[-4000:]
 
 
 def test_fine_tune_from_a_checkpoint(make_cfg, tmp_path: Path) -> None:

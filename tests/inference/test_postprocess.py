@@ -514,6 +514,43 @@ def test_compiled_backend_equals_torch_backend(void_channel, **case):
     _assert_same_predictions(actual, expected)
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@_RANDOM_MAPS
+def test_invariants_on_random_maps(void_channel, batch, **case):
+    """Whatever the maps: labels decode to a known class; a thing-class pixel is void or an instance (number >= 1),
+    a stuff-class pixel void or its class (number 0); instances of a class are numbered 1..n; the instance
+    table matches the map (ids, classes, areas, boxes); a batch gives what each image alone gives."""
+    inputs, thing_ids, cfg = _random_maps(void_channel=void_channel, batch=batch, **case)
+    divisor, void = 1000, -1
+    results = panoptic_postprocess(*inputs, thing_ids, cfg, label_divisor=divisor, void_label=void,
+                                   void_channel=void_channel)
+    num_classes = inputs[0].shape[1] - int(void_channel)
+    for index, result in enumerate(results):
+        labels, semantic = result.label_map.numpy(), result.semantic.numpy()
+        assigned = labels != void
+        classes, numbers = labels[assigned] // divisor, labels[assigned] % divisor
+        assert ((classes >= 0) & (classes < num_classes)).all()
+        thing_class = np.isin(classes, thing_ids)
+        assert (numbers[thing_class] >= 1).all() and (numbers[~thing_class] == 0).all()
+        on_thing = np.isin(semantic, thing_ids)
+        assert np.isin(labels[on_thing], [void, *result.instances.ids.tolist()]).all()
+        stuff_pixels = assigned & ~on_thing
+        assert (labels[stuff_pixels] == semantic[stuff_pixels] * divisor).all()
+        ids = result.instances.ids.numpy()
+        assert sorted(ids.tolist()) == sorted(set(labels[assigned][thing_class].tolist()))
+        for cls in set((ids // divisor).tolist()):
+            numbered = sorted((ids[ids // divisor == cls] % divisor).tolist())
+            assert numbered == list(range(1, len(numbered) + 1))
+        for label, cls, area, box in zip(ids, result.instances.classes.tolist(), result.instances.areas.tolist(),
+                                         result.instances.boxes.tolist()):
+            ys, xs = np.nonzero(labels == label)
+            assert cls == label // divisor and area == len(ys)
+            assert box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        alone = panoptic_postprocess(*(t[index : index + 1] for t in inputs), thing_ids, cfg, label_divisor=divisor,
+                                     void_label=void, void_channel=void_channel)
+        _assert_same_predictions(alone, [result])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @settings(max_examples=40, deadline=None, derandomize=True)
 @_RANDOM_MAPS

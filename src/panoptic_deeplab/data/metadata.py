@@ -6,6 +6,8 @@
   JSON as the categories then.
 * ``coco``: the 133 COCO panoptic classes (80 things) with their COCO ids (1..200), as in
   ``panoptic_{split}2017.json``.
+* ``mapillary_vistas``: the 65 Mapillary Vistas v1.2 classes (37 things) with their ids 1..65, as in its
+  ``panoptic_2018.json`` (v2.0's 124 classes come with its own JSON).
 
 Any other dataset: a COCO panoptic JSON (its ``categories``) or a JSON list of category entries.
 """
@@ -20,11 +22,11 @@ from typing import Any
 
 from panoptic_deeplab.data.coco_panoptic import DatasetMeta
 
-PUBLISHED_DATASETS = ("cityscapes", "coco")
+PUBLISHED_DATASETS = ("cityscapes", "coco", "mapillary_vistas")
 
 
 def published_categories(name: str) -> list[dict[str, Any]]:
-    """The COCO-style category entries of a published dataset (``cityscapes`` or ``coco``)."""
+    """The COCO-style category entries of a published dataset (one of :data:`PUBLISHED_DATASETS`)."""
     if name not in PUBLISHED_DATASETS:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(PUBLISHED_DATASETS)} or a JSON file")
     text = (resources.files("panoptic_deeplab") / "data" / "categories" / f"{name}.json").read_text("utf-8")
@@ -32,7 +34,8 @@ def published_categories(name: str) -> list[dict[str, Any]]:
 
 
 def dataset_meta(name_or_json: str | os.PathLike[str]) -> DatasetMeta:
-    """Categories of ``cityscapes`` / ``coco``, or those of a JSON file (COCO panoptic, or a list of categories)."""
+    """Categories of a published dataset (``cityscapes``, ``coco``, ``mapillary_vistas``), or those of a JSON file
+    (COCO panoptic, or a list of categories)."""
     spec = str(name_or_json)
     if spec in PUBLISHED_DATASETS:
         return DatasetMeta.from_json(published_categories(spec))

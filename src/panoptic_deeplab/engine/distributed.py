@@ -99,6 +99,22 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
 
 
+def rank_prefix() -> str:
+    """``"rank R of N: "`` in a process that torchrun started for a job of several, else ``""``: error messages of a
+    job arrive interleaved in one log, and the rank says which process each one is from."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    return f"rank {_env_int('RANK', 0)} of {world_size}: " if world_size > 1 else ""
+
+
+# What gloo and NCCL raise in a process whose peer has gone (gloo's TCP pair reports a plain RuntimeError).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process of the job stopped."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_GONE))
+
+
 def cleanup_distributed() -> None:
     """Leave the process group (safe to call when none exists)."""
     if dist.is_available() and dist.is_initialized():

@@ -8,6 +8,7 @@ from .cityscapes import convert_cityscapes
 from .coco_instances import convert_coco_instances
 from .common import ConvertedSplit, read_categories, segments_from_maps
 from .label_map import convert_label_maps
+from .mapillary import convert_mapillary
 from .semantic_instance import convert_semantic_instance
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "convert_cityscapes",
     "convert_coco_instances",
     "convert_label_maps",
+    "convert_mapillary",
     "convert_semantic_instance",
     "read_categories",
     "segments_from_maps",

@@ -223,4 +223,4 @@ def convert_coco_instances(
         writer.add_segments(image_path, ids, segments, image["id"], f"{Path(image['file_name']).stem}.png", context)
     written = writer.finish({"description": "converted by panoptic-deeplab convert-dataset --from coco-instances",
                              "source": str(json_path.resolve())})
-    return dataclasses.replace(written, dropped_annotations=dropped)
+    return dataclasses.replace(written, dropped_segments=dropped)

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from panoptic_deeplab.atomic import write_atomic
 from panoptic_deeplab.data.coco_panoptic import (
     DatasetError,
     DatasetMeta,
@@ -171,7 +172,9 @@ class ConvertedSplit:
     stuff_segments: int
     thing_segments: int
     crowd_segments: int
-    dropped_annotations: int = 0  # coco-instances: annotations that others covered entirely
+    # segments left without pixels: annotations others cover entirely (coco-instances), segments too small for
+    # the resizing (mapillary)
+    dropped_segments: int = 0
 
 
 class SplitWriter:
@@ -202,6 +205,20 @@ class SplitWriter:
         size = self._image_size(image_path, ids.shape, label_context)
         self._add(image_path, size, ids, segments, image_id, png_name)
 
+    def add_image_array(self, file_name: str, image: np.ndarray, ids: np.ndarray, segments: list[SegmentInfo],
+                        image_id: int | str, png_name: str) -> None:
+        """Add one image given as pixels (a resized copy), written as ``file_name`` (JPEG at quality 95 or PNG, by
+        its suffix), with its segment id map and segments as they are."""
+        if file_name in self._names:
+            raise DatasetError(Problem(file_name, "a second image of this file name"))
+        jpeg = Path(file_name).suffix.lower() in (".jpg", ".jpeg")
+        target = self.image_dir / file_name
+        if target.is_symlink():
+            target.unlink()
+        write_atomic(target, lambda f: Image.fromarray(image).save(f, format="JPEG" if jpeg else "PNG",
+                                                                   **({"quality": 95} if jpeg else {})))
+        self._record(file_name, image.shape[:2], ids, segments, image_id, png_name)
+
     def _image_size(self, image_path: Path, label_shape: tuple[int, ...], label_context: str) -> tuple[int, int]:
         """(height, width) of a new image, equal to its labels'; decoding it in full finds truncated files now."""
         if image_path.name in self._names:
@@ -214,8 +231,7 @@ class SplitWriter:
 
     def _add(self, image_path: Path, size: tuple[int, int], ids: np.ndarray, segments: list[SegmentInfo],
              image_id: int | str, png_name: str) -> None:
-        """Write the PNG, link (or copy) the image under its own name, record both."""
-        write_panoptic_png(self.png_dir / png_name, ids)
+        """Link (or copy) the image under its own name, write the PNG, record both."""
         target = self.image_dir / image_path.name
         if target.is_symlink() or target.exists():
             target.unlink()
@@ -226,8 +242,13 @@ class SplitWriter:
                 target.symlink_to(image_path.resolve())
             except OSError:  # file systems without symbolic links
                 shutil.copyfile(image_path, target)
-        self._names.add(image_path.name)
-        self._images.append(ImageInfo(image_id, image_path.name, *size))
+        self._record(image_path.name, size, ids, segments, image_id, png_name)
+
+    def _record(self, file_name: str, size: tuple[int, int], ids: np.ndarray, segments: list[SegmentInfo],
+                image_id: int | str, png_name: str) -> None:
+        write_panoptic_png(self.png_dir / png_name, ids)
+        self._names.add(file_name)
+        self._images.append(ImageInfo(image_id, file_name, *size))
         self._annotations.append(PanopticAnnotation(image_id, png_name, segments))
 
     def finish(self, info: dict[str, Any]) -> ConvertedSplit:
