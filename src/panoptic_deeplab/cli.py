@@ -309,6 +309,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="average over these input scales, e.g. 0.75,1,1.25 (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     _add_precision(p)
+    p.add_argument("--tile", type=_parse_size, default=None, metavar="HxW",
+                   help="run images larger than this on overlapping tiles, stitched before one post-processing "
+                   "(large images: the network's memory follows the tile)")
+    p.add_argument("--tile-overlap", type=int, default=None, metavar="P",
+                   help="pixels shared by neighbouring tiles (default a quarter of the tile's smaller side)")
     p.add_argument("--no-pictures", action="store_true", help="only write the COCO panoptic predictions")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -333,6 +338,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     check_output_dir(args.output, "--output")
     paths = list_images(args.input)
     options = dict(tta_flip=args.tta_flip, tta_scales=args.tta_scales, batch_size=args.batch_size)
+    if args.tile_overlap is not None and args.tile is None:
+        raise ValueError("--tile-overlap needs --tile")
+    if args.tile is not None:
+        options.update(tile=args.tile, tile_overlap=args.tile_overlap)
     if args.onnx:
         from panoptic_deeplab.export import onnx_predictor
 

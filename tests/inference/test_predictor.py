@@ -577,3 +577,91 @@ def test_bf16_precision_runs_the_network_in_bfloat16(tmp_path) -> None:
     argv = ["predict", "--checkpoint", str(path), "--input", str(images), "--output", str(tmp_path / "out"),
             "--precision", "bf16", "--no-pictures", "--no-progress"]
     assert main(argv) == 0 and (tmp_path / "out" / "panoptic" / "a.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Large images by tiles
+
+
+class PointwiseModel(_Normalising):
+    """Outputs that depend on each pixel's own colour only, so tiles see what the whole image sees; with
+    :func:`_cone_scene`, the center heatmap peaks once per disk."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        red = images[:, :1]
+        return {"semantic": 20.0 * images[:, [1, 2, 0]], "center": (2.0 * red - 1.0).clamp_min(0.0),
+                "offset": torch.cat([3.0 * red - 1.5, 1.0 - 2.0 * red], dim=1)}
+
+
+def _cone_scene(height: int, width: int, disks: list[tuple[int, int, int]]) -> np.ndarray:
+    """:func:`_scene` whose disks are cones of red, brightest at their centers."""
+    image = _scene(height, width, [])
+    yy, xx = np.mgrid[:height, :width]
+    for cy, cx, r in disks:
+        distance = np.hypot(yy - cy, xx - cx)
+        inside = distance <= r
+        image[inside] = np.stack([255 - 100 * distance[inside] / r, np.full(inside.sum(), 20),
+                                  np.full(inside.sum(), 20)], axis=1).astype(np.uint8)
+    return image
+
+
+def test_tile_grid_and_refusals():
+    from panoptic_deeplab.inference.tiling import check_tiling, tile_starts
+
+    assert tile_starts(100, 100, 10) == [0] and tile_starts(60, 100, 10) == [0]
+    assert tile_starts(100, 40, 10) == [0, 30, 60]
+    assert tile_starts(101, 40, 10) == [0, 30, 60, 61]  # the last tile ends at the border
+    assert check_tiling((32, 48), 0) == (32, 48)
+    with pytest.raises(ValueError, match=r"^tile overlap must be at least 0 and smaller than the tile \(32x48\), got 32"):
+        check_tiling((32, 48), 32)
+    with pytest.raises(ValueError, match=r"^tile size must be two positive numbers \(height, width\), got \[0, 5\]"):
+        check_tiling((0, 5), 0)
+    assert _predictor(BlobModel(), tile=(64, 96)).tile_overlap == 16  # a quarter of the smaller side
+
+
+def test_tiles_stitch_to_the_whole_image_outputs():
+    """A pointwise model: the stitched maps equal the whole image's (blending equal values), and so do the
+    results. A model with context (blurs, box filters): instances crossing tile borders stay whole."""
+    cones = _cone_scene(61, 97, DISKS)
+    whole = _predictor(PointwiseModel()).predict(cones)
+    tiled = _predictor(PointwiseModel(), tile=(24, 40), tile_overlap=8).predict(cones)
+    np.testing.assert_allclose(tiled.center, whole.center, atol=1e-6)
+    np.testing.assert_allclose(tiled.offset, whole.offset, atol=1e-5)
+    np.testing.assert_array_equal(tiled.semantic, whole.semantic)
+    np.testing.assert_array_equal(tiled.label_map, whole.label_map)
+    assert len(whole.instances) == 2
+
+    image = _scene(61, 97, DISKS)
+
+    # Disk 1 spans rows 21..39 and columns 16..34; 40x64 tiles with 24 px overlap start at rows 0, 16, 21 and
+    # columns 0, 33: it crosses tile borders both ways. The overlap covers the model's context (its offsets look
+    # 20 px around), so the disks come out whole and as in the whole image.
+    whole = _predictor(BlobModel()).predict(image)
+    tiled = _predictor(BlobModel(), tile=(40, 64), tile_overlap=24).predict(image)
+    assert [(i.label, i.area) for i in tiled.instances] == [(i.label, i.area) for i in whole.instances]
+    assert len(whole.instances) == 2 and float((tiled.label_map == whole.label_map).mean()) > 0.999
+    # An overlap narrower than that context splits disk 1 in two.
+    narrow = _predictor(BlobModel(), tile=(32, 48), tile_overlap=16).predict(image)
+    assert len(narrow.instances) == 3
+
+
+def test_cli_predict_with_tiles(tmp_path, capsys):
+    from panoptic_deeplab.checkpoint import atomic_torch_save
+    from panoptic_deeplab.cli import main
+    from panoptic_deeplab.config import config_to_dict
+    from panoptic_deeplab.modeling import build_model
+
+    cfg = _tiny_config()
+    path = atomic_torch_save({"model": build_model(cfg.model).state_dict(), "config": config_to_dict(cfg),
+                              "meta": META.to_json()}, tmp_path / "model.pt")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(_scene(61, 97, DISKS)).save(images / "scene.png")
+    argv = ["predict", "--checkpoint", str(path), "--input", str(images), "--device", "cpu", "--no-progress",
+            "--no-pictures"]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--tile", "40x64", "--tile-overlap", "12"]) == 0
+    assert read_panoptic_png(tmp_path / "out" / "panoptic" / "scene.png").shape == (61, 97)
+    assert main([*argv, "--output", str(tmp_path / "x"), "--tile-overlap", "12"]) == 2
+    assert "error: --tile-overlap needs --tile" in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "y"), "--tile", "40x64", "--tile-overlap", "40"]) == 2
+    assert "tile overlap must be at least 0 and smaller than the tile (40x64), got 40" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from panoptic_deeplab.data.transforms import (
 )
 from panoptic_deeplab.device import cuda_tf32, resolve_device
 from panoptic_deeplab.inference.postprocess import panoptic_postprocess
+from panoptic_deeplab.inference.tiling import check_tiling, stitch_tiles
 from panoptic_deeplab.inference.results import (
     PanopticPredictionWriter,
     PanopticResult,
@@ -173,6 +174,9 @@ class Predictor:
     receives ``log`` of the averaged probabilities, whose argmax and softmax are those of the average.
     ``precision`` is one of :data:`PRECISIONS`: ``"fp32"`` exact float32 (also on CUDA), ``"tf32"`` CUDA's
     TF32 convolutions, ``"bf16"`` the network under bfloat16 autocast.
+    ``tile`` (height, width): an image larger than it runs on overlapping tiles (``tile_overlap`` pixels, default
+    a quarter of the tile's smaller side) whose outputs are stitched before one post-processing
+    (:mod:`.tiling`); TTA applies to each tile.
     """
 
     def __init__(
@@ -185,6 +189,8 @@ class Predictor:
         tta_scales: Sequence[float] = (1.0,),
         batch_size: int = 1,
         precision: str = "fp32",
+        tile: Sequence[int] | None = None,
+        tile_overlap: int | None = None,
     ) -> None:
         if isinstance(cfg, Config):
             model_cfg, post_cfg = cfg.model, cfg.postprocess
@@ -206,6 +212,11 @@ class Predictor:
             raise ValueError(f"precision {precision} needs a PyTorch model; this network has no "
                              "PyTorch weights (an exported graph runs at the precision it was exported with)")
         self.precision = precision
+        self.tile: tuple[int, int] | None = None
+        self.tile_overlap = 0
+        if tile is not None:
+            self.tile_overlap = min(int(t) for t in tile) // 4 if tile_overlap is None else int(tile_overlap)
+            self.tile = check_tiling(tile, self.tile_overlap)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.model_cfg = model_cfg
@@ -331,10 +342,16 @@ class Predictor:
     @torch.inference_mode()
     def raw_outputs(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Model outputs for ``[3, H, W]`` images in [0, 1], averaged over the TTA views, each at its
-        image's size: ``semantic`` [1, C, H, W] (logits for one view, log mean probabilities for more),
-        ``center`` [1, 1, H, W], ``offset`` [1, 2, H, W] in pixels of the image."""
+        image's size: ``semantic`` [1, C, H, W] (logits for one view, log mean probabilities for more or for
+        tiles), ``center`` [1, 1, H, W], ``offset`` [1, 2, H, W] in pixels of the image."""
         self.model.eval()
         images = [im.to(self.device, torch.float32) for im in images]
+        if self.tile is None or all(im.shape[1] <= self.tile[0] and im.shape[2] <= self.tile[1] for im in images):
+            return self._views(images)
+        return [stitch_tiles(im, self.tile, self.tile_overlap, lambda crop: self._views([crop])[0]) for im in images]
+
+    def _views(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """:meth:`raw_outputs` of whole images (on the device)."""
         views = [(s, f) for s in self.tta_scales for f in ((False, True) if self.tta_flip else (False,))]
         single = views == [(1.0, False)]
         sums: list[dict[str, Tensor]] = []

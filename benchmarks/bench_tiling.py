@@ -1,0 +1,130 @@
+"""Tiled prediction (``Predictor(tile=...)``, ``predict --tile``) against whole-image prediction.
+
+    .venv/bin/python benchmarks/bench_tiling.py [--size 2048x4096] [--tile 512x512] [--overlap 128]
+        [--checkpoint demo_output/run/model_0000400.pt --split data/val512/val --split-tile 129x257]
+
+1. Memory and time, MobileNetV3-L (``cityscapes_mnv3``) with random weights on a random ``--size`` image, each run
+   in a fresh subprocess: peak resident memory of ``predict`` above the loaded model (Linux ``VmHWM`` after
+   resetting it), whole image against tiles. The network's activations follow the tile; the stitched maps
+   ((classes + 3) float32 per pixel) and the post-processing follow the image.
+2. With ``--checkpoint`` (a model trained on the synthetic dataset, e.g. by ``make demo``) and a synthetic
+   ``--split`` folder (``make-synthetic``; e.g. 256x512 images, four times the demo's): PQ against the ground truth
+   of whole-image and of tiled predictions (tiles of ``--split-tile``, default the demo's 129x257 training crop),
+   and PQ of the tiled predictions scored against the whole-image ones (100 = identical). A network with global
+   context (image pooling in ASPP) sees different context in a tile than in the whole image, so the two differ
+   even where the tiling itself is exact (``tests/inference/test_predictor.py``: a pointwise model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from panoptic_deeplab.checkpoint import atomic_torch_save
+from panoptic_deeplab.config import SplitConfig, config_to_dict, load_config
+from panoptic_deeplab.data.metadata import dataset_meta
+from panoptic_deeplab.evaluation import evaluate_model, evaluate_panoptic_files
+from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
+from panoptic_deeplab.modeling import build_model
+from panoptic_deeplab.modeling.random_weights import randomize_weights
+
+
+def _size(text: str) -> tuple[int, int]:
+    height, width = text.lower().split("x")
+    return int(height), int(width)
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def worker(checkpoint: str, size: tuple[int, int], tile: tuple[int, int] | None, overlap: int) -> None:
+    """One measured ``predict`` in this process; prints a JSON line."""
+    torch.set_num_threads(2)
+    image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", tile=tile, tile_overlap=overlap)
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter (Linux >= 4.0)
+        f.write("5")
+    before = _kib("VmRSS")
+    start = time.perf_counter()
+    result = predictor.predict(image)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_mib": (_kib("VmHWM") - before) / 1024,
+                      "instances": len(result.instances)}))
+
+
+def _measure(checkpoint: Path, size: tuple[int, int], tile: tuple[int, int] | None, overlap: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(checkpoint), "--size", f"{size[0]}x{size[1]}",
+           "--overlap", str(overlap)] + (["--tile", f"{tile[0]}x{tile[1]}"] if tile else [])
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _pq(checkpoint: Path, split: Path, tile: tuple[int, int], overlap: int, folder: Path) -> dict[str, float]:
+    """PQ of whole-image and tiled predictions against the split's ground truth, and of tiled against whole."""
+    (gt_json,) = split.glob("*.json")
+    truth = SplitConfig(images=str(split / "images"), json=str(gt_json), panoptic=str(split / "panoptic"))
+    images = list_images(split / "images")
+    pq, sets = {}, {}
+    for name, options in (("whole", {}), ("tiled", {"tile": tile, "tile_overlap": overlap})):
+        predictor = Predictor.from_checkpoint(checkpoint, device="cpu", **options)
+        pq[f"{name} vs ground truth"] = 100 * evaluate_model(predictor, truth, progress=False).panoptic.all.pq
+        json_path, png_dir = folder / f"{name}.json", folder / name
+        for _ in predict_folder(predictor, images, json_path, png_dir):
+            pass
+        sets[name] = (json_path, png_dir)
+    pq["tiled vs whole"] = 100 * evaluate_panoptic_files(*sets["whole"], *sets["tiled"], progress=False).all.pq
+    return pq
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=_size, default=(2048, 4096))
+    parser.add_argument("--tile", type=_size, default=(512, 512))
+    parser.add_argument("--overlap", type=int, default=128)
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--split", type=Path, default=None)
+    parser.add_argument("--split-tile", type=_size, default=(129, 257))
+    parser.add_argument("--split-overlap", type=int, default=64)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.size, args.tile if "--tile" in sys.argv else None, args.overlap)
+        return
+
+    cfg = load_config("cityscapes_mnv3", ["model.pretrained=false"])
+    torch.manual_seed(0)
+    model = randomize_weights(build_model(cfg.model).eval())
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = atomic_torch_save({"model": model.state_dict(), "config": config_to_dict(cfg),
+                                        "meta": dataset_meta("cityscapes").to_json()}, Path(tmp) / "model.pt")
+        height, width = args.size
+        print("MobileNetV3-L, random weights, 2 threads; peak memory of predict above the loaded model")
+        for size in ((height // 2, width // 2), (height, width)):
+            whole = _measure(checkpoint, size, None, 0)
+            tiled = _measure(checkpoint, size, args.tile, args.overlap)
+            print(f"{size[0]}x{size[1]}: whole {whole['seconds']:.1f} s, {whole['peak_mib']:.0f} MiB; tiles "
+                  f"{args.tile[0]}x{args.tile[1]} (overlap {args.overlap}) {tiled['seconds']:.1f} s, "
+                  f"{tiled['peak_mib']:.0f} MiB; memory ratio whole / tiles {whole['peak_mib'] / tiled['peak_mib']:.1f}x",
+                  flush=True)
+    if args.checkpoint is not None:
+        if args.split is None:
+            parser.error("--checkpoint needs --split")
+        with tempfile.TemporaryDirectory() as tmp:
+            pq = _pq(args.checkpoint, args.split, args.split_tile, args.split_overlap, Path(tmp))
+        tile = args.split_tile
+        print(f"PQ on {args.split}, tiles {tile[0]}x{tile[1]} (overlap {args.split_overlap}): "
+              + ", ".join(f"{name} {value:.2f}" for name, value in pq.items()))
+
+
+if __name__ == "__main__":
+    main()
