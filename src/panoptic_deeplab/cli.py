@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from panoptic_deeplab.filekind import check_output_dir
 
@@ -299,7 +299,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--checkpoint", help="checkpoint file written by train or convert")
     model.add_argument("--onnx", help="an ONNX file written by export, run by ONNX Runtime on the CPU (extra "
                        "'export'); the same outputs as its checkpoint")
-    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--input", required=True, help="an image file, a folder of images, or a video file (.mp4, .mov, "
+                   ".avi, .mkv, .webm; extra 'video'): its frames are predicted as a --sequence and the overlays "
+                   "written as OUT/<stem>_overlay.mp4")
     p.add_argument("--output", required=True, help="output directory OUT")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:K")
     p.add_argument("--categories", default=None, metavar="JSON",
@@ -314,6 +316,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    "(large images: the network's memory follows the tile)")
     p.add_argument("--tile-overlap", type=int, default=None, metavar="P",
                    help="pixels shared by neighbouring tiles (default a quarter of the tile's smaller side)")
+    p.add_argument("--sequence", action="store_true",
+                   help="the images are the frames of one video, in file name order: each object keeps its "
+                   "instance id and PNG segment id (category_id * 1000 + instance) over the frames (tracking)")
     p.add_argument("--no-pictures", action="store_true", help="only write the COCO panoptic predictions")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -333,10 +338,14 @@ def _run_predict(args: argparse.Namespace) -> int:
     from panoptic_deeplab.data.coco_panoptic import load_panoptic_json
     from panoptic_deeplab.checkpoint import CheckpointError
     from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
+    from panoptic_deeplab.inference.video import is_video
     from panoptic_deeplab.inference.visualize import save_pictures
 
     check_output_dir(args.output, "--output")
-    paths = list_images(args.input)
+    video = is_video(args.input)
+    if video and not Path(args.input).is_file():
+        raise FileNotFoundError(f"--input {args.input}: no such video file")
+    paths = [] if video else list_images(args.input)
     options = dict(tta_flip=args.tta_flip, tta_scales=args.tta_scales, batch_size=args.batch_size)
     if args.tile_overlap is not None and args.tile is None:
         raise ValueError("--tile-overlap needs --tile")
@@ -351,6 +360,10 @@ def _run_predict(args: argparse.Namespace) -> int:
                   "runs as exported)", file=sys.stderr)
             return EXIT_BAD_INPUT
         predictor = onnx_predictor(args.onnx, **options)
+        if (args.sequence or video) and not isinstance(predictor, Predictor):
+            print(f"error: videos and --sequence need the network only: {args.onnx} holds the whole pipeline "
+                  "(export with --no-postprocess)", file=sys.stderr)
+            return EXIT_BAD_INPUT
     else:
         meta = load_panoptic_json(args.categories).meta if args.categories else None
         try:
@@ -360,6 +373,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
     out = Path(args.output)
+    if video:
+        return _predict_video(predictor, Path(args.input), out, args.no_pictures, args.no_progress)
     pictures = out / "pictures"
     if not args.no_pictures:
         pictures.mkdir(parents=True, exist_ok=True)
@@ -372,7 +387,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         progress.update(1)
 
     for path, image, result in predict_folder(
-        predictor, paths, out / "predictions.json", out / "panoptic", on_unreadable=skip
+        predictor, paths, out / "predictions.json", out / "panoptic", on_unreadable=skip, sequence=args.sequence
     ):
         if not args.no_pictures:
             save_pictures(image, result, predictor.meta, pictures, path.stem)
@@ -384,6 +399,33 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(f"skipped {len(unreadable)} unreadable image(s): {', '.join(p.name for p in unreadable)}",
               file=sys.stderr)
         return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+def _predict_video(predictor: Any, video: Path, out: Path, no_pictures: bool, no_progress: bool) -> int:
+    """predict on a video file: the frames as a tracked sequence, and the overlays as a video beside them."""
+    import contextlib
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from panoptic_deeplab.inference.video import VideoWriter, predict_video, video_info
+    from panoptic_deeplab.inference.visualize import overlay_panoptic
+
+    total, fps = video_info(video)
+    out.mkdir(parents=True, exist_ok=True)
+    overlay_path = out / f"{video.stem}_overlay.mp4"
+    with contextlib.ExitStack() as stack:
+        writer = None if no_pictures else stack.enter_context(VideoWriter(overlay_path, fps))
+        progress = stack.enter_context(tqdm(total=total or None, unit="frame", disable=no_progress))
+        frames = 0
+        for _, frame, result in predict_video(predictor, video, out / "predictions.json", out / "panoptic"):
+            if writer is not None:
+                writer.write(np.asarray(overlay_panoptic(frame, result.label_map, predictor.meta, legend=False)))
+            frames += 1
+            progress.update(1)
+    print(f"predicted {frames} frame(s) of {video} (instances tracked across frames): {out / 'predictions.json'}, "
+          f"{out / 'panoptic'}" + ("" if no_pictures else f", overlay video {overlay_path}"))
     return EXIT_OK
 
 

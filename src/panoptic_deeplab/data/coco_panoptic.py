@@ -527,9 +527,10 @@ def ids_to_label_map(
 
 
 def label_map_to_ids(
-    label_map: np.ndarray, meta: DatasetMeta, context: str = ""
+    label_map: np.ndarray, meta: DatasetMeta, context: str = "", stable: bool = False
 ) -> tuple[np.ndarray, list[SegmentInfo]]:
-    """Label map -> (panoptic id map int32, segments_info) with fresh ids ``1..K``.
+    """Label map -> (panoptic id map int32, segments_info) with fresh ids ``1..K``, or with ``stable`` ids
+    ``category_id * label_divisor + instance`` (the same segment id for the same label in every frame of a video).
 
     One segment per distinct label, in increasing label order; void (train id = ignore label) -> id 0;
     thing labels with instance 0 become crowd segments. Area and bbox are computed from the map.
@@ -556,7 +557,11 @@ def label_map_to_ids(
         )
     new_ids = np.zeros(len(values), dtype=np.int32)
     keep = np.flatnonzero(~is_void)
-    new_ids[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    if stable:
+        category_ids = np.array([meta.category_id(int(t)) for t in train_ids[keep]], dtype=np.int64)
+        new_ids[keep] = category_ids * meta.label_divisor + instances[keep]
+    else:
+        new_ids[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
     ids = new_ids[np.searchsorted(values, label_map)]
     segments = [
         SegmentInfo(

@@ -1,4 +1,5 @@
-"""Evaluation: panoptic quality (panopticapi semantics), mIoU, COCO and Cityscapes mask AP, reports."""
+"""Evaluation: panoptic quality (panopticapi semantics), mIoU, COCO and Cityscapes mask AP, video panoptic quality
+(STQ, VPQ), reports."""
 
 from importlib import import_module
 from typing import Any
@@ -21,6 +22,7 @@ from panoptic_deeplab.evaluation.report import (
     write_json_atomic,
 )
 from panoptic_deeplab.evaluation.semantic import SemanticEvaluator
+from panoptic_deeplab.evaluation.video import SegmentationTrackingQuality, video_panoptic_quality
 
 # Evaluating a model (evaluator.py) needs torch: imported on first use (PEP 562), so that the files form of
 # `evaluate` and other torch-free users of this package do not pay for it.
@@ -38,6 +40,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "SegmentationTrackingQuality",
+    "video_panoptic_quality",
     "COCOInstanceEvaluator",
     "CityscapesInstanceEvaluator",
     "ClassPQ",

@@ -33,8 +33,9 @@ from panoptic_deeplab.data.transforms import (
     valid_input_size,
 )
 from panoptic_deeplab.device import cuda_tf32, resolve_device
-from panoptic_deeplab.inference.postprocess import panoptic_postprocess
+from panoptic_deeplab.inference.postprocess import PanopticPrediction, panoptic_postprocess
 from panoptic_deeplab.inference.tiling import check_tiling, stitch_tiles
+from panoptic_deeplab.inference.tracking import InstanceTracker
 from panoptic_deeplab.inference.results import (
     PanopticPredictionWriter,
     PanopticResult,
@@ -397,19 +398,35 @@ class Predictor:
         for start in range(0, len(tensors), self.batch_size):
             chunk = tensors[start : start + self.batch_size]
             for out in self.raw_outputs(chunk):
-                with torch.inference_mode():
-                    prediction = panoptic_postprocess(
-                        out["semantic"],
-                        out["center"],
-                        out["offset"],
-                        self.meta.thing_train_ids,
-                        self.postprocess_cfg,
-                        label_divisor=self.meta.label_divisor,
-                        void_label=self.meta.void_label,
-                        void_channel=self.model_cfg.semantic_void_channel,
-                    )[0]
+                prediction = self._postprocess(out)
                 results.append(result_from_prediction(prediction, out["center"][0], out["offset"][0], self.meta))
         return results
+
+    def predict_sequence(
+        self, frames: Iterable[ImageInput], min_iou: float = 0.2, memory: int = 10
+    ) -> Iterator[PanopticResult]:
+        """Predictions for the frames of one video, in order and one at a time (memory does not grow with the
+        length), each thing instance renumbered by an :class:`~.tracking.InstanceTracker` (``min_iou``,
+        ``memory``) so that an object keeps its label over the sequence; the COCO segment ids
+        (``category_id * label_divisor + instance``) stay the same across frames too."""
+        tracker = InstanceTracker(self.meta.label_divisor, self.meta.thing_train_ids, min_iou, memory)
+        for frame in frames:
+            out = self.raw_outputs([image_to_tensor(frame)])[0]
+            prediction = tracker.relabel(self._postprocess(out))
+            yield result_from_prediction(prediction, out["center"][0], out["offset"][0], self.meta, stable_ids=True)
+
+    @torch.inference_mode()
+    def _postprocess(self, out: dict[str, Tensor]) -> PanopticPrediction:
+        return panoptic_postprocess(
+            out["semantic"],
+            out["center"],
+            out["offset"],
+            self.meta.thing_train_ids,
+            self.postprocess_cfg,
+            label_divisor=self.meta.label_divisor,
+            void_label=self.meta.void_label,
+            void_channel=self.model_cfg.semantic_void_channel,
+        )[0]
 
 
 def predict_folder(
@@ -418,6 +435,7 @@ def predict_folder(
     json_path: str | os.PathLike,
     png_dir: str | os.PathLike,
     on_unreadable: Callable[[Path, DatasetError], None] | None = None,
+    sequence: bool = False,
 ) -> Iterator[tuple[Path, np.ndarray, PanopticResult]]:
     """Predict ``images`` one batch at a time, writing them as one COCO panoptic prediction set.
 
@@ -425,23 +443,43 @@ def predict_folder(
     JSON and PNG folder are committed when it is exhausted and discarded if it fails or is closed early.
     A missing or unreadable image raises :class:`DatasetError`, unless ``on_unreadable`` is given: then it is
     called with the path and the error and the image is left out (when no image is left, nothing is committed
-    and DatasetError is raised).
+    and DatasetError is raised). ``sequence``: the images are the frames of one video, in order, predicted by
+    :meth:`Predictor.predict_sequence` (instances keep their labels and segment ids across frames).
     """
     paths = list(images)
+
+    def readable(chunk: Sequence[Path]) -> Iterator[tuple[Path, np.ndarray]]:
+        for path in chunk:
+            try:
+                image = load_image(path)
+            except DatasetError as exc:
+                if on_unreadable is None:
+                    raise
+                on_unreadable(path, exc)
+                continue
+            yield path, image
+
     with PanopticPredictionWriter(json_path, png_dir, predictor.meta) as writer:
         predicted = 0
-        for start in range(0, len(paths), predictor.batch_size):
-            loaded = []
-            for path in paths[start : start + predictor.batch_size]:
-                try:
-                    loaded.append((path, load_image(path)))
-                except DatasetError as exc:
-                    if on_unreadable is None:
-                        raise
-                    on_unreadable(path, exc)
-            for (path, image), result in zip(loaded, predictor.predict_batch([image for _, image in loaded])):
+        if sequence:
+            pending: list[tuple[Path, np.ndarray]] = []  # the frame being predicted
+
+            def frames() -> Iterator[np.ndarray]:
+                for path, image in readable(paths):
+                    pending.append((path, image))
+                    yield image
+
+            for result in predictor.predict_sequence(frames()):
+                path, image = pending.pop()
                 writer.add(result, path.name)
                 predicted += 1
                 yield path, image, result
+        else:
+            for start in range(0, len(paths), predictor.batch_size):
+                loaded = list(readable(paths[start : start + predictor.batch_size]))
+                for (path, image), result in zip(loaded, predictor.predict_batch([image for _, image in loaded])):
+                    writer.add(result, path.name)
+                    predicted += 1
+                    yield path, image, result
         if paths and not predicted:
             raise DatasetError(f"none of the {len(paths)} image(s) could be read")

@@ -100,11 +100,12 @@ class PanopticResult:
 
 
 def result_from_prediction(
-    prediction: PanopticPrediction, center: Tensor, offset: Tensor, meta: DatasetMeta
+    prediction: PanopticPrediction, center: Tensor, offset: Tensor, meta: DatasetMeta, stable_ids: bool = False
 ) -> PanopticResult:
-    """The :class:`PanopticResult` of one post-processed image (``center`` [1, H, W], ``offset`` [2, H, W])."""
+    """The :class:`PanopticResult` of one post-processed image (``center`` [1, H, W], ``offset`` [2, H, W]);
+    ``stable_ids``: COCO segment ids ``category_id * label_divisor + instance`` (video frames), else 1..K."""
     label_map = prediction.label_map.cpu().numpy().astype(np.int64)
-    segment_ids, segments_info = label_map_to_ids(label_map, meta)
+    segment_ids, segments_info = label_map_to_ids(label_map, meta, stable=stable_ids)
     inst = prediction.instances
     classes = inst.classes.tolist()
     instances = [
