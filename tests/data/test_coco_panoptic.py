@@ -226,3 +226,67 @@ def test_load_image_reports_missing_and_truncated_files(tmp_path):
         load_image(path)
     with pytest.raises(DatasetError, match=r"nope\.jpg: file not found"):
         load_image(tmp_path / "nope.jpg")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels, with almost no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + \
+        chunk(b"IEND", b"")
+
+
+def test_png_declaring_huge_dimensions_is_a_clear_error(tmp_path):
+    from panoptic_deeplab.data.converters.common import read_label_map
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(100000, 100000))
+    for reader in (load_image, read_panoptic_png, read_label_map):
+        with pytest.raises(DatasetError, match=rf"^{path}: declares more pixels than PIL reads by default "
+                                               r"\(Image size \(10000000000 pixels\) exceeds limit"):
+            reader(path)
+
+
+def test_image_readers_on_damaged_files_give_an_image_or_a_clear_error(tmp_path_factory):
+    """Property: any byte-level damage to a PNG or JPEG (truncation, random bytes, a changed magic number or header)
+    gives either a correct-looking image or a DatasetError that names the file; never another exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from panoptic_deeplab.data.converters.common import read_label_map
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    rng = np.random.default_rng(0)
+    originals = {}
+    for suffix in (".png", ".jpg"):
+        Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(folder / f"source{suffix}")
+        originals[suffix] = (folder / f"source{suffix}").read_bytes()
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(suffix=st.sampled_from(sorted(originals)), cut=st.integers(0, 2000),
+           flips=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 255)), max_size=6),
+           header=st.sampled_from([None, (1, 1), (0, 5), (70000, 70000), (2**31 - 1, 3)]))
+    def check(suffix, cut, flips, header):
+        data = bytearray(originals[suffix])
+        if header is not None and suffix == ".png":
+            data = bytearray(_png_header_only(*header))
+        for position, value in flips:
+            if position < len(data):
+                data[position] = value
+        data = data[: len(data) - cut] if cut < len(data) else data[:1]
+        path = folder / f"damaged{suffix}"
+        path.write_bytes(bytes(data))
+        for reader in (load_image, read_panoptic_png, read_label_map):
+            try:
+                array = reader(path)
+            except DatasetError as exc:
+                assert str(path) in str(exc)
+            else:
+                assert array.ndim in (2, 3) and array.size > 0
+
+    check()

@@ -395,9 +395,17 @@ def _open_image(path: str) -> Image.Image:
         image.load()  # decoding everything is what detects truncated files
     except FileNotFoundError:
         raise DatasetError(Problem(path, "file not found")) from None
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(Problem(path, too_many_pixels(exc))) from None
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise DatasetError(Problem(path, f"unreadable or truncated image ({exc})")) from None
     return image
+
+
+def too_many_pixels(exc: Exception) -> str:
+    """What to say of an image whose header declares more pixels than PIL decodes by default."""
+    return (f"declares more pixels than PIL reads by default ({exc}); a corrupt header, or a real image that "
+            "needs PIL.Image.MAX_IMAGE_PIXELS raised (then predict it with --tile)")
 
 
 def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:

@@ -39,6 +39,7 @@ from panoptic_deeplab.data.coco_panoptic import (
     load_image,
     save_panoptic_json,
     segment_areas_bboxes,
+    too_many_pixels,
     write_panoptic_png,
 )
 
@@ -90,6 +91,8 @@ def read_label_map(path: str | os.PathLike[str]) -> np.ndarray:
             image.load()
         except FileNotFoundError:
             raise DatasetError(Problem(str(path), "file not found")) from None
+        except Image.DecompressionBombError as exc:
+            raise DatasetError(Problem(str(path), too_many_pixels(exc))) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise DatasetError(Problem(str(path), f"unreadable or truncated image ({exc})")) from None
         if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "P"):
