@@ -214,6 +214,32 @@ def test_torchrun_rank_that_fails_stops_the_job_and_is_named(tiny_overrides, pri
     assert f"error: rank {other} of 2: stopped because another process of this job failed" in log, log[-4000:]
 
 
+def test_torchrun_checkpoint_write_failure_on_rank_0_stops_every_rank(tiny_overrides, tmp_path) -> None:
+    """Rank 0 cannot write the checkpoint (a real EFBIG under RLIMIT_FSIZE) while rank 1 goes on to the next step's
+    collectives: rank 0 names the file and the fault, rank 1 stops within seconds saying another process failed,
+    and no partial checkpoint is left."""
+    import resource
+
+    def limit_file_size() -> None:  # Python ignores SIGXFSZ, so the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "panoptic_deeplab.cli", "train", "--config", "synthetic_mnv3", "--output-dir", str(out),
+        *tiny_overrides, "solver.max_iter=4", "train.checkpoint_period=2",
+    ]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300, preexec_fn=limit_file_size)
+    elapsed, log = time.monotonic() - start, proc.stdout + proc.stderr
+    assert proc.returncode != 0 and elapsed < 120, log[-4000:]
+    assert (f"error: rank 0 of 2: training stopped at iteration 2: cannot write {out / 'model_0000002.pt'} (File too "
+            "large)") in log, log[-4000:]
+    assert "error: rank 1 of 2: stopped because another process of this job failed" in log, log[-4000:]
+    assert not list(out.glob("*.pt")) and not list(out.glob(".*.pt*"))
+
+
 def test_fine_tune_from_a_checkpoint(make_cfg, tmp_path: Path) -> None:
     """model.init_checkpoint: training starts from a checkpoint's weights; other-shaped tensors stay initialised."""
     first = make_cfg("solver.max_iter=1", "train.checkpoint_period=1", f"train.output_dir={tmp_path / 'first'}")
