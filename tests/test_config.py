@@ -103,6 +103,21 @@ def test_bad_overrides_are_clear_errors(override, message):
         assert repr(override) in str(info.value)  # names where it came from
 
 
+def test_config_files_that_are_not_yaml_text(tmp_path):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x00\x01binary\xff")
+    with pytest.raises(ValueError, match=rf"^config file {binary} is not a UTF-8 text \(YAML\) file: 'utf-8' codec"):
+        load_config(str(binary))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("foo: [1, 2")
+    with pytest.raises(ValueError, match=rf"^{broken} is not valid YAML: while parsing a flow sequence"):
+        load_config(str(broken))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match=rf"^{listed} must hold a mapping of sections, got list"):
+        load_config(str(listed))
+
+
 def test_yaml_file_with_base_and_unknown_key_errors(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text("_base_: cityscapes_r50\nsolver:\n  lr: 2.5e-4\nmodel:\n  output_stride: 32\n")

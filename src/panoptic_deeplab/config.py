@@ -225,6 +225,8 @@ def _read_yaml(spec: str, relative_to: Path | None, chain: tuple[str, ...]) -> d
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {source}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {source} is not a UTF-8 text (YAML) file: {exc}") from None
         folder: Path | None = path.resolve().parent
     else:
         source = f"preset {spec!r}"

@@ -114,7 +114,8 @@ def test_pretrained_offline_fails_fast(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(backbone_mod, "_hub_reachable", lambda timeout=3.0: False)
     before = huggingface_hub.constants.HF_HUB_OFFLINE
-    with pytest.raises(RuntimeError, match=r"'mobilenetv3_large'.*mobilenetv3_large_100.*backbone_weights=PATH"):
+    with pytest.raises(backbone_mod.PretrainedWeightsUnavailable,
+                       match=r"'mobilenetv3_large'.*mobilenetv3_large_100.*backbone_weights=PATH.*model\.pretrained=false"):
         Backbone("mobilenetv3_large", pretrained=True)
     assert huggingface_hub.constants.HF_HUB_OFFLINE == before  # cache-only mode was temporary
 

@@ -32,6 +32,11 @@ from .dl2_resnet import DeepLab2ResNet
 LAST_KEY = "res5"
 
 
+
+class PretrainedWeightsUnavailable(OSError):
+    """timm's pretrained weights could not be fetched or found in the cache (an OSError: a resource is missing,
+    which the command line reports in one line)."""
+
 def feature_key(stride: int) -> str:
     """Key of the low-level tap at ``stride`` (4 -> res2, 8 -> res3, 16 -> res4)."""
     return f"res{stride.bit_length() - 1}"
@@ -264,11 +269,11 @@ def create_timm_features(
                 if offline
                 else str(exc)
             )
-            raise RuntimeError(
+            raise PretrainedWeightsUnavailable(
                 f"cannot load timm's ImageNet weights for backbone {name!r} (timm model "
                 f"{preset.timm_name!r}): {where}. Pass backbone_weights=PATH (a .pth or .safetensors state "
-                f"dict of timm.create_model({preset.timm_name!r})), or pretrained=False to start from "
-                "random weights."
+                f"dict of timm.create_model({preset.timm_name!r}); model.backbone_weights=PATH in a config), or "
+                "pretrained=False (model.pretrained=false) to start from random weights."
             ) from exc
     except TypeError as exc:
         if "output_stride" in str(exc):
