@@ -68,7 +68,7 @@ def test_tracked_synthetic_video_scores_one_and_per_frame_ids_do_not() -> None:
     keeps IoU and VPQ_1 at 1 but loses AQ and the longer VPQ windows; the tracker restores them."""
     from panoptic_deeplab.data.synthetic import synthetic_meta
     from panoptic_deeplab.data.synthetic_video import synthetic_sequence
-    from panoptic_deeplab.inference.tracking import InstanceTracker
+    from panoptic_deeplab.inference.tracking import InstanceTracker, renumber_labels
 
     meta = synthetic_meta()
     frames = [truth for _, truth in synthetic_sequence(40, (96, 192), seed=3)]
@@ -86,7 +86,7 @@ def test_tracked_synthetic_video_scores_one_and_per_frame_ids_do_not() -> None:
     tracked = []
     for frame in per_frame:
         renumber = tracker.update(frame)
-        tracked.append(np.vectorize(lambda v: renumber.get(v, v))(frame))
+        tracked.append(renumber_labels(frame, renumber))
 
     def stq(predicted):
         metric = SegmentationTrackingQuality(meta.num_classes, meta.thing_train_ids)

@@ -10,7 +10,7 @@ import torch
 from panoptic_deeplab.data.coco_panoptic import LABEL_DIVISOR
 from panoptic_deeplab.data.synthetic import synthetic_meta
 from panoptic_deeplab.data.synthetic_video import MovingObject, synthetic_sequence
-from panoptic_deeplab.inference.tracking import InstanceTracker
+from panoptic_deeplab.inference.tracking import InstanceTracker, renumber_labels
 
 THINGS = synthetic_meta().thing_train_ids
 
@@ -33,7 +33,7 @@ def _track(frames, **options) -> list[tuple[np.ndarray, np.ndarray]]:
     for _, truth in frames:
         predicted = _per_frame_numbers(truth, rng)
         renumber = tracker.update(predicted)
-        tracked = np.vectorize(lambda v: renumber.get(v, v))(predicted)
+        tracked = renumber_labels(predicted, renumber)
         pairs.append((truth, tracked))
     return pairs
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -429,6 +429,26 @@ class Predictor:
         )[0]
 
 
+Key = TypeVar("Key")
+
+
+def predict_keyed_sequence(
+    predictor: Predictor, frames: Iterable[tuple[Key, np.ndarray]]
+) -> Iterator[tuple[Key, np.ndarray, PanopticResult]]:
+    """:meth:`Predictor.predict_sequence` over ``(key, frame)`` pairs (a file path, a frame name), each result
+    yielded with its key and frame; frames are still taken one at a time."""
+    current: list[tuple[Key, np.ndarray]] = []  # the pair whose frame is being predicted
+
+    def images() -> Iterator[np.ndarray]:
+        for key, frame in frames:
+            current.append((key, frame))
+            yield frame
+
+    for result in predictor.predict_sequence(images()):
+        key, frame = current.pop()
+        yield key, frame, result
+
+
 def predict_folder(
     predictor: Predictor,
     images: Iterable[Path],
@@ -462,15 +482,7 @@ def predict_folder(
     with PanopticPredictionWriter(json_path, png_dir, predictor.meta) as writer:
         predicted = 0
         if sequence:
-            pending: list[tuple[Path, np.ndarray]] = []  # the frame being predicted
-
-            def frames() -> Iterator[np.ndarray]:
-                for path, image in readable(paths):
-                    pending.append((path, image))
-                    yield image
-
-            for result in predictor.predict_sequence(frames()):
-                path, image = pending.pop()
+            for path, image, result in predict_keyed_sequence(predictor, readable(paths)):
                 writer.add(result, path.name)
                 predicted += 1
                 yield path, image, result

@@ -57,25 +57,24 @@ def stitch_tiles(
     overlap: int,
     run: Callable[[Tensor], dict[str, Tensor]],
 ) -> dict[str, Tensor]:
-    """Outputs of ``run`` (one ``[3, h, w]`` crop -> ``semantic`` [1, C, h, w] logits or log-probabilities,
+    """Outputs of ``run`` (one ``[3, h, w]`` crop of ``image``, on its device -> ``semantic`` [1, C, h, w] logits or log-probabilities,
     ``center`` [1, 1, h, w], ``offset`` [1, 2, h, w]) for the whole ``[3, H, W]`` image, stitched from tiles
     (module doc): ``semantic`` as log blended probabilities, ``center`` and ``offset`` blended."""
     tile_height, tile_width = check_tiling(tile, overlap)
     height, width = int(image.shape[1]), int(image.shape[2])
     sums: dict[str, Tensor] = {}
-    total = torch.zeros(height, width)
+    total = torch.zeros(height, width, device=image.device)
     for top in tile_starts(height, tile_height, overlap):
         for left in tile_starts(width, tile_width, overlap):
             bottom, right = min(top + tile_height, height), min(left + tile_width, width)
             out = run(image[:, top:bottom, left:right])
             weight = torch.outer(_ramp(bottom - top, top, height, overlap),
-                                 _ramp(right - left, left, width, overlap)).to(out["center"].device)
+                                 _ramp(right - left, left, width, overlap)).to(image.device)
             parts = {"semantic": out["semantic"].softmax(dim=1), "center": out["center"], "offset": out["offset"]}
             for key, value in parts.items():
                 if key not in sums:
-                    sums[key] = torch.zeros((1, value.shape[1], height, width), device=value.device)
+                    sums[key] = torch.zeros((1, value.shape[1], height, width), device=image.device)
                 sums[key][..., top:bottom, left:right] += value * weight
-            total = total.to(weight.device)
             total[top:bottom, left:right] += weight
     return {
         "semantic": (sums["semantic"] / total).clamp_min_(1e-12).log_(),

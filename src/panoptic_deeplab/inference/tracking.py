@@ -60,6 +60,16 @@ def _instance_pixels(label_map: np.ndarray, label_divisor: int, thing_train_ids:
     return {int(v): part for v, part in zip(values, np.split(where, starts[1:]))}
 
 
+def renumber_labels(label_map: np.ndarray, renumber: dict[int, int]) -> np.ndarray:
+    """``label_map`` with every label that is a key of ``renumber`` replaced by its value (one lookup per pixel)."""
+    if not renumber:
+        return label_map.copy()
+    old = np.array(sorted(renumber), dtype=np.int64)
+    new = np.array([renumber[label] for label in old.tolist()], dtype=np.int64)
+    position = np.clip(np.searchsorted(old, label_map), 0, len(old) - 1)
+    return np.where(old[position] == label_map, new[position], label_map)
+
+
 class InstanceTracker:
     """Renumbers the thing instances of successive frames so that an object keeps its label (module doc)."""
 
@@ -89,10 +99,10 @@ class InstanceTracker:
             mine = [label for label in instances if label // self.label_divisor == train_id]
             tracks = [t for t in self._tracks[train_id] if self.frame - t.last_frame <= self.memory]
             self._tracks[train_id] = tracks
-            matched = self._match([instances[label] for label in mine], tracks, height, width)
-            for index, label in enumerate(mine):
+            centroids = [np.array(divmod(instances[label], width), dtype=np.float64).mean(axis=1) for label in mine]
+            matched = self._match([instances[label] for label in mine], centroids, tracks, height, width)
+            for index, (label, centroid) in enumerate(zip(mine, centroids)):
                 pixels = instances[label]
-                centroid = np.array(divmod(pixels, width), dtype=np.float64).mean(axis=1)
                 track = matched.get(index)
                 radius = float(np.sqrt(pixels.size / np.pi))
                 if track is None:
@@ -114,14 +124,14 @@ class InstanceTracker:
         self._next_number[train_id] = number + 1
         return number
 
-    def _match(self, masks: list[np.ndarray], tracks: list[_Track], height: int, width: int) -> dict[int, _Track]:
+    def _match(self, masks: list[np.ndarray], centroids: list[np.ndarray], tracks: list[_Track], height: int,
+               width: int) -> dict[int, _Track]:
         """Instance index -> track: the Hungarian method on the IoU with each track's moved mask, then on the
         centroid distance for what is left (module doc)."""
         if not masks or not tracks:
             return {}
         iou = np.zeros((len(masks), len(tracks)))
         distance = np.zeros((len(masks), len(tracks)))
-        centroids = np.array([np.array(divmod(m, width), dtype=np.float64).mean(axis=1) for m in masks])
         for j, track in enumerate(tracks):
             shift = track.velocity * (self.frame - track.last_frame)
             dy, dx = np.rint(shift).astype(np.int64)
@@ -132,7 +142,7 @@ class InstanceTracker:
             for i, pixels in enumerate(masks):
                 common = np.intersect1d(pixels, moved, assume_unique=True).size
                 iou[i, j] = common / (pixels.size + moved.size - common) if common else 0.0
-            distance[:, j] = np.linalg.norm(centroids - (track.centroid + shift), axis=1) / track.radius
+            distance[:, j] = np.linalg.norm(np.array(centroids) - (track.centroid + shift), axis=1) / track.radius
         rows, cols = linear_sum_assignment(-iou)
         matched = {int(i): int(j) for i, j in zip(rows, cols) if iou[i, j] >= self.min_iou}
         left_rows = [i for i in range(len(masks)) if i not in matched]
@@ -150,12 +160,8 @@ class InstanceTracker:
         renumber = self.update(label_map)
         if not renumber:
             return prediction
-        old = np.array(sorted(renumber), dtype=np.int64)
-        new = np.array([renumber[label] for label in old.tolist()], dtype=np.int64)
-        position = np.clip(np.searchsorted(old, label_map), 0, len(old) - 1)
-        relabelled = np.where(old[position] == label_map, new[position], label_map)
         device = prediction.label_map.device
-        label_tensor = torch.from_numpy(relabelled).to(device)
+        label_tensor = torch.from_numpy(renumber_labels(label_map, renumber)).to(device)
         ids = torch.tensor([renumber.get(label, label) for label in prediction.instances.ids.tolist()],
                            dtype=torch.int64, device=device)
         instances = dataclasses.replace(prediction.instances, label_map=label_tensor, ids=ids)

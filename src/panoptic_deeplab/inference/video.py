@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from panoptic_deeplab.data.coco_panoptic import DatasetError, Problem
+from panoptic_deeplab.inference.predictor import predict_keyed_sequence
 from panoptic_deeplab.inference.results import PanopticPredictionWriter, PanopticResult
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm")
@@ -124,15 +125,8 @@ def predict_video(
     prediction set (module doc). A generator of ``(frame name, RGB frame, result)``; the set is committed when it is
     exhausted and discarded if it fails or is closed early."""
     stem = Path(video).stem
-    pending: list[tuple[str, np.ndarray]] = []
-
-    def frames() -> Iterator[np.ndarray]:
-        for index, frame in enumerate(read_frames(video)):
-            pending.append((f"{stem}_{index:06d}", frame))
-            yield frame
-
+    named = ((f"{stem}_{index:06d}", frame) for index, frame in enumerate(read_frames(video)))
     with PanopticPredictionWriter(json_path, png_dir, predictor.meta) as writer:
-        for result in predictor.predict_sequence(frames()):
-            name, frame = pending.pop()
+        for name, frame, result in predict_keyed_sequence(predictor, named):
             writer.add(result, f"{name}.png")
             yield name, frame, result

@@ -34,10 +34,17 @@ from panoptic_deeplab.data.coco_panoptic import (
     DatasetMeta,
     Problem,
     SegmentInfo,
-    segment_areas_bboxes,
 )
 
-from .common import ConvertedSplit, SplitWriter, existing_folder, find_label_map, read_categories, read_label_map
+from .common import (
+    ConvertedSplit,
+    SplitWriter,
+    existing_folder,
+    find_label_map,
+    measure_segments,
+    read_categories,
+    read_label_map,
+)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -214,8 +221,7 @@ def convert_coco_instances(
             for category_id in np.unique(stuff_map[free]).tolist():
                 stuff_classes.append(category_id)
                 ids[free & (stuff_map == category_id)] = len(kept) + len(stuff_classes)
-        values, areas, boxes = segment_areas_bboxes(ids)
-        measured = {int(v): (int(a), tuple(int(x) for x in b)) for v, a, b in zip(values, areas, boxes)}
+        measured = measure_segments(ids)
         segments = [SegmentInfo(number, int(annotation["category_id"]), *measured[number],
                                 bool(annotation.get("iscrowd", 0))) for number, annotation in kept]
         segments += [SegmentInfo(len(kept) + k, category_id, *measured[len(kept) + k], False)

@@ -164,6 +164,12 @@ def segments_from_maps(
     return ids, segments
 
 
+def measure_segments(ids: np.ndarray) -> dict[int, tuple[int, tuple[int, int, int, int]]]:
+    """``{segment id: (area, bbox (x, y, w, h))}`` of every value of a segment id map, void 0 included."""
+    values, areas, boxes = segment_areas_bboxes(ids)
+    return {int(v): (int(a), tuple(int(x) for x in b)) for v, a, b in zip(values, areas, boxes)}  # type: ignore[misc]
+
+
 @dataclass(frozen=True)
 class ConvertedSplit:
     """What a converter wrote: the three paths ``validate`` and the config's ``data.<split>`` take, and counts."""

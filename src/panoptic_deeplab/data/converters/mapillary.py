@@ -20,7 +20,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -28,14 +27,12 @@ from tqdm import tqdm
 from panoptic_deeplab.data.coco_panoptic import (
     DatasetError,
     Problem,
-    SegmentInfo,
     load_image,
     load_panoptic_json,
     read_panoptic_png,
-    segment_areas_bboxes,
 )
 
-from .common import ConvertedSplit, SplitWriter, existing_folder
+from .common import ConvertedSplit, SplitWriter, existing_folder, measure_segments
 
 VERSIONS = ("v1.2", "v2.0")
 # This project's split names -> Mapillary's folders (its own names work too).
@@ -104,8 +101,7 @@ def convert_mapillary(
                               align_corners=False, antialias=True)
         image = image[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
         ids = F.interpolate(torch.from_numpy(ids)[None, None].double(), size=size, mode="nearest")[0, 0].long().numpy()
-        values, areas, boxes = segment_areas_bboxes(ids)
-        measured = {int(v): (int(a), tuple(int(x) for x in b)) for v, a, b in zip(values, areas, boxes)}
+        measured = measure_segments(ids)
         segments = [dataclasses.replace(s, area=measured[s.id][0], bbox=measured[s.id][1])
                     for s in annotation.segments_info if s.id in measured]
         dropped += len(annotation.segments_info) - len(segments)
