@@ -165,3 +165,19 @@ def test_graph_postprocess_equals_panoptic_postprocess(postprocess_session, seed
 def test_pipeline_file_refuses_tta_through_the_api(pipeline) -> None:
     with pytest.raises(ExportError, match=r"holds the whole pipeline"):
         onnx_predictor(pipeline["onnx"], tta_scales=(0.5, 1.0))
+
+
+def test_pipeline_file_refuses_sequences_and_videos(pipeline, tmp_path) -> None:
+    """Tracking renumbers instances between the network and the result: a whole-pipeline file cannot do it."""
+    result = _cli("predict", "--onnx", str(pipeline["onnx"]), "--input", str(pipeline["images"]), "--output",
+                  str(tmp_path / "out"), "--sequence", "--no-progress")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: videos and --sequence need the network only: {pipeline['onnx']} holds "
+                                     "the whole pipeline (export with --no-postprocess)")
+    assert not (tmp_path / "out" / "predictions.json").exists()
+    tiled = _cli("predict", "--onnx", str(pipeline["onnx"]), "--input", str(pipeline["images"]), "--output",
+                 str(tmp_path / "tiled"), "--tile", "64x64", "--no-progress")
+    assert tiled.returncode == 2
+    assert tiled.stderr.strip() == (
+        f"error: {pipeline['onnx']} holds the whole pipeline (post-processing inside): test-time augmentation and "
+        "other post-processing settings need the network only; export with --no-postprocess for them")
