@@ -5,15 +5,17 @@ per operation (argmax, lookups, gathers of candidate centers, distances, bincoun
 fast, but at 1025x2049 there are dozens of them over millions of elements. Here each pixel is visited
 twice, while its values are in registers:
 
-1. :func:`classify_and_group`: semantic argmax (first maximum, a NaN wins as in ``torch.max``), then for a
-   thing pixel its nearest center among the candidates of its grid cell (the table of
-   ``postprocess._build_table``), and the (instance, class) vote and the class area counts.
+1. :func:`classify_and_group`: semantic argmax (first maximum, a NaN wins as in ``torch.max``) and the
+   softmax denominator ``sum_c exp(l_c - max)``, both a row at a time with the channel loop outside so that
+   they run in SIMD registers; then for a thing pixel its nearest center among the candidates of its grid
+   cell (the table of ``postprocess._build_table``), and the (instance, class) vote and the class area counts.
 2. :func:`label_and_measure`: the label map from the lookup tables of the merge, and per instance the sum of
-   the softmax probability of its class and its box.
+   the softmax probability of its class (one exponential per pixel, from pass 1's denominator) and its box.
 
 The results are the torch version's exactly: the same float64 distances ``(py - cy)^2 + (px - cx)^2`` and
 ties to the smaller center index, the same integer counts; only the instance scores differ by float
-rounding (glibc's ``expf`` instead of torch's vectorised one, a different summation order).
+rounding (:func:`exp_nonpositive` instead of torch's exponential, ``exp(l_own - max) / sum`` instead of
+``1 / sum_c exp(l_c - l_own)``, a different summation order).
 
 Each kernel splits the rows into chunks run in parallel, every chunk with its own accumulators (summed
 after), so the results do not depend on the number of threads. Kernels compile on first use and are cached
@@ -26,6 +28,45 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):  # noqa: ANN001, ARG001 (numba's intrinsic signature)
+    """Reinterpret an int32 as a float32 (a bit cast, which numba has no function for)."""
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ARG001
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return numba.types.float32(numba.types.int32), codegen
+
+
+_LOG2_E = np.float32(1.4426950408889634)
+_LN2_HIGH = np.float32(0.693359375)  # ln 2 = high + low, high with few mantissa bits: n * high is exact
+_LN2_LOW = np.float32(-2.12194440e-4)
+
+
+@numba.njit(inline="always")
+def exp_nonpositive(x: np.float32) -> np.float32:
+    """``exp(x)`` in float32 for ``x <= 0`` (below -87, ``exp(-87)``; NaN stays NaN), within 1 ulp.
+
+    Only arithmetic and a bit cast, so that LLVM vectorises the loops that call it: numba compiles
+    ``math.exp`` to a libm call per element (a vector version needs Intel's SVML), 5x slower here. The
+    classic Cephes ``expf``: ``x = n ln 2 + r`` with ``|r| <= ln 2 / 2``, a degree-7 polynomial for
+    ``exp(r)``, and ``2^n`` built in the exponent bits.
+    """
+    x = max(x, np.float32(-87.0))  # exp(-87) is still a normal float32
+    n = np.float32(np.floor(x * _LOG2_E + np.float32(0.5)))
+    r = x - n * _LN2_HIGH - n * _LN2_LOW
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -48,6 +89,8 @@ def classify_and_group(
     semantic: np.ndarray,  # out [H*W] int64
     instance: np.ndarray,  # out [H*W] int64, 0 = none, k + 1 = center k
     votes: np.ndarray,  # out [chunks, K + 1, classes] int64 (zeros): pixels per (instance, class)
+    logit_max: np.ndarray,  # out [H*W] float32: max_c l_c
+    exp_sum: np.ndarray,  # out [H*W] float32: sum_c exp(l_c - max_c l_c)
 ) -> int:
     """Pass 1 (see the module docstring). Returns the number of thing pixels with a non-finite offset."""
     channels = logits.shape[0]
@@ -57,20 +100,35 @@ def classify_and_group(
     non_finite = 0
     for chunk in numba.prange(chunks):
         chunk_votes = votes[chunk]
+        best = np.empty(width, dtype=np.float32)
+        best_channel = np.empty(width, dtype=np.int32)
+        total = np.empty(width, dtype=np.float32)
         for y in range(chunk * rows_per_chunk, min(height, (chunk + 1) * rows_per_chunk)):
+            row = y * width
+            # The loops below vectorise only over 1-D contiguous slices and with non-short-circuit & and |.
+            first = logits[0, row : row + width]
             for x in range(width):
-                p = y * width + x
-                best = logits[0, p]
-                cls = 0
-                if best == best:
-                    for k in range(1, channels):
-                        value = logits[k, p]
-                        if value != value:  # torch.max: a NaN is the maximum
-                            cls = k
-                            break
-                        if value > best:
-                            best = value
-                            cls = k
+                best[x] = first[x]
+                best_channel[x] = 0
+            for k in range(1, channels):
+                channel = logits[k, row : row + width]
+                for x in range(width):
+                    value, current = channel[x], best[x]
+                    # torch.max: the first maximum, and the first NaN wins (nothing replaces a NaN).
+                    take = (value > current) | ((value != value) & (current == current))
+                    best[x] = value if take else current
+                    best_channel[x] = k if take else best_channel[x]
+            for x in range(width):
+                total[x] = 0.0
+            for k in range(channels):
+                channel = logits[k, row : row + width]
+                for x in range(width):
+                    total[x] += exp_nonpositive(channel[x] - best[x])
+            for x in range(width):
+                p = row + x
+                logit_max[p] = best[x]
+                exp_sum[p] = total[x]
+                cls = best_channel[x]
                 if void_channel:  # channel 0 is void: the stuff class after the real ones
                     cls = channels - 1 if cls == 0 else cls - 1
                 semantic[p] = cls
@@ -114,6 +172,8 @@ def label_and_measure(
     logits: np.ndarray,  # [C, H*W] float32
     semantic: np.ndarray,  # [H*W] int64 from pass 1
     instance: np.ndarray,  # [H*W] int64 from pass 1
+    logit_max: np.ndarray,  # [H*W] float32 from pass 1
+    exp_sum: np.ndarray,  # [H*W] float32 from pass 1
     width: int,
     is_thing: np.ndarray,  # [classes] bool
     stuff_labels: np.ndarray,  # [classes] int64 label of each class's stuff pixels
@@ -124,7 +184,6 @@ def label_and_measure(
     boxes: np.ndarray,  # out [chunks, K + 1, 4] int64 (x0, y0, x1, y1 inclusive; init max, max, -1, -1)
 ) -> None:
     """Pass 2 (see the module docstring): label map, class probability sums and boxes per instance."""
-    channels = logits.shape[0]
     pixels = semantic.shape[0]
     chunks = probability_sums.shape[0]
     per_chunk = (pixels + chunks - 1) // chunks
@@ -141,12 +200,9 @@ def label_and_measure(
             own_channel = instance_channel[k]
             if own_channel < 0:
                 continue
-            # Softmax probability of the instance's class, 1 / sum_c exp(l_c - l_own) as the torch version.
-            own = logits[own_channel, p]
-            total = np.float32(0.0)
-            for c in range(channels):
-                total += math.exp(logits[c, p] - own)
-            chunk_sums[k] += np.float64(np.float32(1.0) / total)
+            # Softmax probability of the instance's class (its logit is at most the maximum).
+            probability = exp_nonpositive(logits[own_channel, p] - logit_max[p]) / exp_sum[p]
+            chunk_sums[k] += np.float64(probability)
             y = p // width
             x = p - y * width
             box = chunk_boxes[k]

@@ -549,6 +549,7 @@ def _postprocess_compiled(
     instance = torch.empty(pixels, dtype=torch.long)
     chunks = min(_COMPILED_CHUNKS, height)
     votes = np.zeros((chunks, num_centers + 1, num_classes), dtype=np.int64)
+    logit_max, exp_sum = np.empty(pixels, dtype=np.float32), np.empty(pixels, dtype=np.float32)
     if num_centers:
         table = _build_table(centers, height, width)
         grid = (table.cell_size, table.ny, table.nx, table.counts.numpy(), table.index.numpy(), table.y.numpy(),
@@ -558,7 +559,7 @@ def _postprocess_compiled(
         grid = (1, 0, 0, empty_long[0], empty_long, empty_float, empty_float, empty_float[0, :0], empty_float[0, :0])
     non_finite = cpu_kernels.classify_and_group(
         logits_np, offset_np, height, width, is_thing_np, void_class is not None, *grid,
-        semantic.numpy(), instance.numpy(), votes,
+        semantic.numpy(), instance.numpy(), votes, logit_max, exp_sum,
     )
     if non_finite:
         raise ValueError("offset contains non-finite values (nan/inf) at thing pixels")
@@ -572,7 +573,7 @@ def _postprocess_compiled(
     boxes = np.empty((chunks, num_centers + 1, 4), dtype=np.int64)
     boxes[..., :2], boxes[..., 2:] = np.iinfo(np.int64).max, -1
     cpu_kernels.label_and_measure(
-        logits_np, semantic.numpy(), instance.numpy(), width, is_thing_np, tables.stuff_labels.numpy(),
+        logits_np, semantic.numpy(), instance.numpy(), logit_max, exp_sum, width, is_thing_np, tables.stuff_labels.numpy(),
         tables.instance_labels.numpy(), instance_channel.numpy(), label.numpy(), probability_sums, boxes,
     )
     mean_probability = torch.from_numpy(probability_sums.sum(axis=0))[rows] / tables.areas.double()
