@@ -1,7 +1,7 @@
 """Tiled prediction (``Predictor(tile=...)``, ``predict --tile``) against whole-image prediction.
 
     .venv/bin/python benchmarks/bench_tiling.py [--size 2048x4096] [--tile 512x512] [--overlap 128]
-        [--checkpoint demo_output/run/model_0000400.pt --split data/val512/val --split-tile 129x257]
+        [--checkpoint demo_output/run/model_0000200.pt --split data/val512/val --split-tile 129x257]
 
 1. Memory and time, MobileNetV3-L (``cityscapes_mnv3``) with random weights on a random ``--size`` image, each run
    in a fresh subprocess: peak resident memory of ``predict`` above the loaded model (Linux ``VmHWM`` after

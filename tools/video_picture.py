@@ -2,7 +2,7 @@
 ``Predictor.predict_sequence`` on a synthetic video, four frames of the overlay side by side (each tracked object
 keeps its colour).
 
-    .venv/bin/python tools/video_picture.py --checkpoint demo_output/run/model_0000400.pt [--output docs/tracking.png]
+    .venv/bin/python tools/video_picture.py --checkpoint demo_output/run/model_0000200.pt [--output docs/tracking.png]
 """
 
 from __future__ import annotations

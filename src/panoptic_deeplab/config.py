@@ -153,6 +153,10 @@ class TrainConfig:
     output_dir: str = "runs/panoptic_deeplab"
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # Layout of the weights and batches in training. "auto": channels_last on the CPU (oneDNN's convs and their
+    # backward, 1.5x faster on the demo) and on CUDA with solver.amp (tensor-core kernels are NHWC);
+    # "contiguous" (NCHW) otherwise. Checkpoints do not depend on it.
+    memory_format: str = "auto"
     log_period: int = 20
     checkpoint_period: int = 1000
     keep_last: int = 3
@@ -484,6 +488,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "model.aspp_pool_conv": ("bn", "bias", "plain"),
     "model.init": ("normal", "he"),
     "solver.amp": ("none", "bf16", "fp16"),
+    "train.memory_format": ("auto", "channels_last", "contiguous"),
 }
 
 

@@ -86,7 +86,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
     print(f"[2/4] training {cfg.model.backbone} for {cfg.solver.max_iter} iterations "
           f"(batch {cfg.data.batch_size}, crop {cfg.data.crop_size[0]}x{cfg.data.crop_size[1]}) in {run_dir}")
     start = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, progress=options.progress)
     seconds["train"] = time.perf_counter() - start
     if result.last_checkpoint is None:
         raise RuntimeError(f"training wrote no checkpoint in {run_dir}")

@@ -8,7 +8,7 @@ import torch
 from panoptic_deeplab.modeling.aspp import ASPP, ASPPPooling, default_aspp_rates
 from panoptic_deeplab.modeling.decoder import PanopticDeepLabDecoder
 from panoptic_deeplab.modeling.heads import PredictionHead
-from panoptic_deeplab.modeling.layers import DepthwiseSeparableConv, offset_scale, resize_offset
+from panoptic_deeplab.modeling.layers import AtrousConv2d, DepthwiseSeparableConv, offset_scale, resize_offset
 
 
 def test_default_rates() -> None:
@@ -16,6 +16,55 @@ def test_default_rates() -> None:
     assert default_aspp_rates(32) == (3, 6, 9)
     with pytest.raises(ValueError, match="no default ASPP rates for output stride 4"):
         default_aspp_rates(4)
+
+
+@pytest.mark.parametrize(
+    "size, dilation, used_taps",
+    [((9, 17), 6, (3, 3)), ((9, 17), 12, (1, 3)), ((9, 17), 18, (1, 1)), ((40, 3), 5, (3, 1)), ((1, 1), 2, (1, 1))],
+)
+def test_atrous_conv_skips_taps_in_the_padding(size, dilation: int, used_taps: tuple[int, int]) -> None:
+    """The trimmed conv is the full conv: outputs and all gradients, in float64 to rounding."""
+    torch.manual_seed(0)
+    full = torch.nn.Conv2d(6, 4, 3, padding=dilation, dilation=dilation, bias=True).double()
+    atrous = AtrousConv2d(6, 4, 3, padding=dilation, dilation=dilation, bias=True).double()
+    atrous.load_state_dict(full.state_dict())
+    seen = []
+    original = torch.nn.functional.conv2d
+
+    def spy(x, weight, *args):
+        seen.append(tuple(weight.shape[-2:]))
+        return original(x, weight, *args)
+
+    x = torch.randn(2, 6, *size, dtype=torch.double, requires_grad=True)
+    grad_out = torch.randn(2, 4, *size, dtype=torch.double)
+    (full(x) * grad_out).sum().backward()
+    full_grads = [x.grad.clone(), full.weight.grad, full.bias.grad]
+    x.grad = None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "conv2d", spy)
+        out = atrous(x)
+    torch.testing.assert_close(out, full(x), rtol=0, atol=1e-12)
+    (out * grad_out).sum().backward()
+    for ours, expected in zip([x.grad, atrous.weight.grad, atrous.bias.grad], full_grads):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    assert seen == [used_taps]
+
+
+def test_atrous_conv_keeps_the_full_kernel_when_exported() -> None:
+    atrous = AtrousConv2d(2, 2, 3, padding=18, dilation=18)
+    dynamic = torch.export.Dim.DYNAMIC
+    exported = torch.export.export(atrous, (torch.randn(1, 2, 9, 17),), dynamic_shapes=({2: dynamic, 3: dynamic},))
+    convs = [n for n in exported.graph.nodes if "conv" in str(n.target)]
+    weight_shapes = [tuple(n.args[1].meta["val"].shape) for n in convs]
+    assert weight_shapes == [(2, 2, 3, 3)]
+    x = torch.randn(1, 2, 40, 50)  # big enough for every tap: the exported module holds there too
+    torch.testing.assert_close(exported.module()(x), atrous(x))
+
+
+def test_atrous_conv_refuses_other_paddings() -> None:
+    with pytest.raises(ValueError, match=r"AtrousConv2d needs stride 1 and zero padding \(6, 6\), got stride \(1, 1\), "
+                       r"padding \(1, 1\) \(zeros\)"):
+        AtrousConv2d(2, 2, 3, padding=1, dilation=6)
 
 
 @pytest.mark.parametrize("size", [(5, 9), (17, 4), (1, 1)])

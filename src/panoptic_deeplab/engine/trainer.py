@@ -144,6 +144,14 @@ class TrainResult:
     weights_digest: str = ""
 
 
+def training_memory_format(cfg: Config, device: torch.device) -> torch.memory_format:
+    """The layout ``train.memory_format`` asks for on ``device`` (see :class:`TrainConfig`)."""
+    choice = cfg.train.memory_format
+    if choice == "auto":
+        choice = "channels_last" if device.type == "cpu" or cfg.solver.amp != "none" else "contiguous"
+    return torch.channels_last if choice == "channels_last" else torch.contiguous_format
+
+
 def _autocast(amp: str, device: torch.device):
     if amp == "none":
         return nullcontext()
@@ -158,13 +166,14 @@ class Trainer:
     or a checkpoint path. Call ``close()`` (or use the ``train`` function) to release the process group.
     """
 
-    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+    def __init__(self, cfg: Config, resume: str | None = None, progress: bool = True) -> None:
         from panoptic_deeplab.data.dataset import batches_per_epoch, build_train_loader
         from panoptic_deeplab.modeling import build_model
         from panoptic_deeplab.modeling.losses import PanopticDeepLabLoss
 
         validate_config(cfg)
         self.cfg = cfg
+        self.progress = progress
         self.dist: DistInfo = init_distributed(cfg.train.device)
         self.device = self.dist.device
         self.output_dir = Path(cfg.train.output_dir)
@@ -184,7 +193,8 @@ class Trainer:
         else:
             model = build_model(cfg.model)
         seed_everything(cfg.train.seed + self.dist.rank)
-        self.model = wrap_model(model, self.dist)
+        self.memory_format = training_memory_format(cfg, self.device)
+        self.model = wrap_model(model.to(memory_format=self.memory_format), self.dist)
         self.criterion = PanopticDeepLabLoss(cfg.loss, void_channel=cfg.model.semantic_void_channel)
         s = cfg.solver
         self.optimizer = torch.optim.Adam(
@@ -309,7 +319,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- data
 
     def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = batch["image"].to(self.device, non_blocking=True)
+        images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         targets = {k: v.to(self.device, non_blocking=True) for k, v in batch["targets"].items()}
         return images, targets
 
@@ -424,7 +434,7 @@ class Trainer:
         # Micro-batch b of the run is batch b % per_epoch of epoch b // per_epoch, whether the run started
         # at 0 or resumed: the sampler skips the batches already seen without loading them.
         stream = iterate_batches(self.train_loader, self.iteration * s.grad_accum)
-        bar = tqdm(total=s.max_iter, initial=self.iteration, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=s.max_iter, initial=self.iteration, disable=not (self.is_main and self.progress), desc="train", dynamic_ncols=True)
         window: dict[str, float] = {}  # sums of the losses since the last log line
         window_iters, window_start = 0, time.perf_counter()
         if self.is_main:
@@ -517,11 +527,12 @@ class Trainer:
         cleanup_distributed()
 
 
-def train(cfg: Config, resume: str | None = None) -> TrainResult:
-    """Train with ``cfg`` (see ``Trainer``); joins/leaves the torch.distributed group around the run."""
+def train(cfg: Config, resume: str | None = None, progress: bool = True) -> TrainResult:
+    """Train with ``cfg`` (see ``Trainer``); joins/leaves the torch.distributed group around the run.
+    ``progress=False`` hides the progress bar (the log lines stay)."""
     trainer = None
     try:
-        trainer = Trainer(cfg, resume=resume)
+        trainer = Trainer(cfg, resume=resume, progress=progress)
         return trainer.train()
     finally:
         if trainer is not None:
