@@ -142,36 +142,39 @@ def _assert_backend_matches_reference(logits, heat, offset, thing_ids, cfg, back
 # ----------------------------------------------------------------------------- centers
 
 
-def test_centers_plateau_and_threshold():
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_centers_plateau_and_threshold(backend):
     heat = np.zeros((1, 1, 12, 14), dtype=np.float32)
     heat[0, 0, 3:5, 3:5] = 0.6  # 2x2 plateau: all four survive NMS
     heat[0, 0, 9, 10] = np.float32(0.1)  # exactly the threshold: dropped (keep > 0.1)
     heat[0, 0, 9, 2] = 0.3
     heat[0, 0, 5, 6] = 0.5  # within 3 px of the plateau: suppressed by the 0.6 values
-    centers, scores = find_instance_centers(torch.from_numpy(heat), 0.1, 7, 200)
+    centers, scores = find_instance_centers(torch.from_numpy(heat), 0.1, 7, 200, backend=backend)
     assert centers[0].tolist() == [[3, 3], [3, 4], [4, 3], [4, 4], [9, 2]]
     assert scores[0].tolist() == pytest.approx([0.6] * 4 + [0.3])
     ref, _ = ref_centers(heat[0, 0], 0.1, 7, 200)
     np.testing.assert_array_equal(centers[0].numpy(), ref)
 
 
-def test_centers_top_k_ties_exact_k():
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_centers_top_k_ties_exact_k(backend):
     heat = np.zeros((1, 1, 30, 30), dtype=np.float32)
     for y, x in [(5, 20), (5, 2), (20, 1), (20, 25)]:
         heat[0, 0, y, x] = 0.5
     heat[0, 0, 27, 12] = 0.9
-    centers, scores = find_instance_centers(torch.from_numpy(heat), 0.1, 7, 3)
+    centers, scores = find_instance_centers(torch.from_numpy(heat), 0.1, 7, 3, backend=backend)
     # Exactly k = 3 (not "strictly above the k-th score"), ties by row-major position.
     assert centers[0].tolist() == [[27, 12], [5, 2], [5, 20]]
     assert scores[0].tolist() == pytest.approx([0.9, 0.5, 0.5])
 
 
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
 @pytest.mark.parametrize("kernel", [1, 3, 7, 13])
-def test_centers_random_match_reference(kernel):
+def test_centers_random_match_reference(kernel, backend):
     gen = torch.Generator().manual_seed(kernel)
     heat = torch.rand(2, 1, 23, 29, generator=gen)
     heat = torch.round(heat * 8) / 8  # coarse values: many ties and plateaus
-    centers, scores = find_instance_centers(heat, 0.3, kernel, 10)
+    centers, scores = find_instance_centers(heat, 0.3, kernel, 10, backend=backend)
     for n in range(2):
         ref, ref_scores = ref_centers(heat[n, 0].numpy(), 0.3, kernel, 10)
         np.testing.assert_array_equal(centers[n].numpy(), ref)
@@ -185,6 +188,36 @@ def test_centers_bad_input():
         find_instance_centers(torch.zeros(1, 1, 4, 4), nms_kernel=4)
     with pytest.raises(ValueError, match="top_k"):
         find_instance_centers(torch.zeros(1, 1, 4, 4), top_k=0)
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, compiled, got 'numba'"):
+        find_instance_centers(torch.zeros(1, 1, 4, 4), backend="numba")
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 2),
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    kernel=st.sampled_from([1, 3, 5, 7, 9]),
+    levels=st.integers(1, 16),
+    specials=st.booleans(),
+)
+def test_centers_compiled_equals_torch(seed, batch, height, width, kernel, levels, specials):
+    """The numba peak finder keeps the torch version's set: plateaus, a threshold equal to heat values (in
+    float32), NaNs (suppress their window), +-inf, image borders."""
+    rng = np.random.default_rng(seed)
+    heat = np.round(rng.random((batch, 1, height, width)) * levels) / levels  # ties and plateaus
+    if specials:
+        heat[rng.random(heat.shape) < 0.03] = np.nan
+        heat[rng.random(heat.shape) < 0.02] = np.inf
+        heat[rng.random(heat.shape) < 0.02] = -np.inf
+    threshold = float(np.float32(rng.integers(0, levels + 1) / levels))  # often a value of the heatmap
+    heat_tensor = torch.from_numpy(heat.astype(np.float32))
+    expected = find_instance_centers(heat_tensor, threshold, kernel, 1000, backend="torch")
+    actual = find_instance_centers(heat_tensor, threshold, kernel, 1000, backend="compiled")
+    for got, want in zip(actual, expected):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(), b.nan_to_num()))
 
 
 # ----------------------------------------------------------------------------- grouping

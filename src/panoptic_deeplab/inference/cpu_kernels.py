@@ -42,6 +42,8 @@ def _float32_from_bits(typingctx, bits):  # noqa: ANN001, ARG001 (numba's intrin
     return numba.types.float32(numba.types.int32), codegen
 
 
+# Row chunks of center_peaks, for parallelism only (its output does not depend on them).
+_PEAK_CHUNKS = 64
 _LOG2_E = np.float32(1.4426950408889634)
 _LN2_HIGH = np.float32(0.693359375)  # ln 2 = high + low, high with few mantissa bits: n * high is exact
 _LN2_LOW = np.float32(-2.12194440e-4)
@@ -87,7 +89,7 @@ def classify_and_group(
     center_y: np.ndarray,  # [K] float64
     center_x: np.ndarray,
     semantic: np.ndarray,  # out [H*W] int64
-    instance: np.ndarray,  # out [H*W] int64, 0 = none, k + 1 = center k
+    instance: np.ndarray,  # out [H*W] int32, 0 = none, k + 1 = center k
     votes: np.ndarray,  # out [chunks, K + 1, classes] int64 (zeros): pixels per (instance, class)
     logit_max: np.ndarray,  # out [H*W] float32: max_c l_c
     exp_sum: np.ndarray,  # out [H*W] float32: sum_c exp(l_c - max_c l_c)
@@ -171,7 +173,7 @@ def classify_and_group(
 def label_and_measure(
     logits: np.ndarray,  # [C, H*W] float32
     semantic: np.ndarray,  # [H*W] int64 from pass 1
-    instance: np.ndarray,  # [H*W] int64 from pass 1
+    instance: np.ndarray,  # [H*W] int32 from pass 1
     logit_max: np.ndarray,  # [H*W] float32 from pass 1
     exp_sum: np.ndarray,  # [H*W] float32 from pass 1
     width: int,
@@ -210,3 +212,39 @@ def label_and_measure(
             box[1] = min(box[1], y)
             box[2] = max(box[2], x)
             box[3] = max(box[3], y)
+
+
+@numba.njit(inline="always")
+def _is_window_maximum(heat: np.ndarray, y: int, x: int, y0: int, y1: int, x0: int, x1: int) -> bool:
+    """Whether no value of ``heat[y0:y1, x0:x1]`` exceeds ``heat[y, x]`` or is NaN."""
+    value = heat[y, x]
+    for wy in range(y0, y1):
+        for wx in range(x0, x1):
+            if not heat[wy, wx] <= value:  # also true for a NaN, which torch's max pool propagates
+                return False
+    return True
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def center_peaks(heat: np.ndarray, threshold: np.float32, radius: int, keep: np.ndarray) -> None:
+    """``keep[y, x]`` = ``heat[y, x] > threshold`` and the maximum of its ``2 radius + 1`` window (clipped to
+    the image; a NaN in the window suppresses it): ``postprocess.find_instance_centers``'s set, exactly.
+
+    Only the few values above the threshold look at their window, first at their 8 neighbours (on the
+    slope of a peak a larger one is usually adjacent), so the cost is about one comparison per pixel.
+    """
+    height, width = heat.shape
+    chunks = min(_PEAK_CHUNKS, height)
+    rows_per_chunk = (height + chunks - 1) // chunks
+    for chunk in numba.prange(chunks):
+        for y in range(chunk * rows_per_chunk, min(height, (chunk + 1) * rows_per_chunk)):
+            for x in range(width):
+                peak = heat[y, x] > threshold
+                if peak:
+                    near = min(radius, 1)
+                    peak = _is_window_maximum(heat, y, x, max(y - near, 0), min(y + near + 1, height),
+                                              max(x - near, 0), min(x + near + 1, width))
+                if peak and radius > 1:
+                    peak = _is_window_maximum(heat, y, x, max(y - radius, 0), min(y + radius + 1, height),
+                                              max(x - radius, 0), min(x + radius + 1, width))
+                keep[y, x] = peak

@@ -97,7 +97,7 @@ def convert_mapillary(
                                        f"{image_path} is {image.shape[0]}x{image.shape[1]}"))
         size = resized_size(*ids.shape, long_side)
         # antialias: a 4000 px photo shrunk to 2177 px without it aliases fine texture
-        image = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=size, mode="bilinear",
+        image = F.interpolate(torch.tensor(image).permute(2, 0, 1)[None].float(), size=size, mode="bilinear",
                               align_corners=False, antialias=True)
         image = image[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
         ids = F.interpolate(torch.from_numpy(ids)[None, None].double(), size=size, mode="nearest")[0, 0].long().numpy()
