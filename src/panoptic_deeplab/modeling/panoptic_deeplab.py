@@ -124,6 +124,10 @@ class PanopticDeepLab(nn.Module):
             instance = instance.float()
             center = self.center_head(instance)
             offset = self.offset_head(instance)
+        if not self.training:
+            # channels_last inference: the post-processing reads planes (NCHW); changing the layout of the
+            # stride-4 maps here costs 1/16 of doing it after the upsampling (0.2 s at 1024x2048 on 2 cores).
+            semantic, center, offset = semantic.contiguous(), center.contiguous(), offset.contiguous()
         # SPEC §1.7: stride-4 outputs -> input size; offsets are rescaled per axis to input pixels.
         return {
             "semantic": resize(semantic, size, self.align_corners),
