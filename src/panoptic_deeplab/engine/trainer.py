@@ -434,7 +434,8 @@ class Trainer:
         # Micro-batch b of the run is batch b % per_epoch of epoch b // per_epoch, whether the run started
         # at 0 or resumed: the sampler skips the batches already seen without loading them.
         stream = iterate_batches(self.train_loader, self.iteration * s.grad_accum)
-        bar = tqdm(total=s.max_iter, initial=self.iteration, disable=not (self.is_main and self.progress), desc="train", dynamic_ncols=True)
+        bar = tqdm(total=s.max_iter, initial=self.iteration, disable=not (self.is_main and self.progress), desc="train",
+                   dynamic_ncols=True)
         window: dict[str, float] = {}  # sums of the losses since the last log line
         window_iters, window_start = 0, time.perf_counter()
         if self.is_main:

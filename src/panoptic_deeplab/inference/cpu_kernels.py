@@ -236,12 +236,12 @@ def center_peaks(heat: np.ndarray, threshold: np.float32, radius: int, keep: np.
     height, width = heat.shape
     chunks = min(_PEAK_CHUNKS, height)
     rows_per_chunk = (height + chunks - 1) // chunks
+    near = min(radius, 1)
     for chunk in numba.prange(chunks):
         for y in range(chunk * rows_per_chunk, min(height, (chunk + 1) * rows_per_chunk)):
             for x in range(width):
                 peak = heat[y, x] > threshold
                 if peak:
-                    near = min(radius, 1)
                     peak = _is_window_maximum(heat, y, x, max(y - near, 0), min(y + near + 1, height),
                                               max(x - near, 0), min(x + near + 1, width))
                 if peak and radius > 1:

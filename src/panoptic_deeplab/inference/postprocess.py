@@ -30,6 +30,12 @@ from panoptic_deeplab.data.coco_panoptic import IGNORE_LABEL, LABEL_DIVISOR, VOI
 # "auto": compiled where it applies.
 BACKENDS = ("auto", "torch", "compiled")
 
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
 __all__ = [
     "Instances",
     "PanopticPrediction",
@@ -140,8 +146,7 @@ def find_instance_centers(
     if nms_kernel % 2 == 0:
         raise ValueError(f"nms_kernel must be odd so the window is centred, got {nms_kernel}")
     _check_positive_int("top_k", top_k)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _check_backend(backend)
     heat = center_heatmap if center_heatmap.is_floating_point() else center_heatmap.float()
     if backend != "torch" and heat.dtype == torch.float32 and heat.device.type == "cpu":
         keep = _compiled_peaks(heat, threshold, nms_kernel)
@@ -536,8 +541,7 @@ def _set_numba_threads() -> None:
 
 
 def _use_compiled(backend: str, semantic_logits: Tensor) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _check_backend(backend)
     if backend == "torch":
         return False
     # float64 logits would round in the kernels' float32; other devices run the torch version.
