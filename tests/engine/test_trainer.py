@@ -325,3 +325,23 @@ def test_full_disk_stops_training_and_keeps_the_last_checkpoint(tiny_overrides, 
     resumed = subprocess.run([sys.executable, "-m", "panoptic_deeplab.cli", *command], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(out / "model_0000004.pt")["iteration"] == 4
+
+
+def test_training_memory_format_choices():
+    """train.memory_format: auto = channels_last on the CPU and with AMP on CUDA, NCHW for fp32 on CUDA; an
+    explicit choice wins; anything else is refused by name."""
+    from panoptic_deeplab.config import ConfigError
+    from panoptic_deeplab.engine.trainer import training_memory_format
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = load_config("synthetic_mnv3")
+    assert training_memory_format(auto, cpu) == torch.channels_last
+    assert training_memory_format(auto, cuda) == torch.contiguous_format
+    assert training_memory_format(load_config("synthetic_mnv3", ["solver.amp=bf16"]), cuda) == torch.channels_last
+    contiguous = load_config("synthetic_mnv3", ["train.memory_format=contiguous"])
+    assert training_memory_format(contiguous, cpu) == torch.contiguous_format
+    channels_last = load_config("synthetic_mnv3", ["train.memory_format=channels_last"])
+    assert training_memory_format(channels_last, cuda) == torch.channels_last
+    with pytest.raises(ConfigError, match=re.escape(
+            "train.memory_format = 'nhwc' is not one of 'auto', 'channels_last', 'contiguous'")):
+        load_config("synthetic_mnv3", ["train.memory_format=nhwc"])
