@@ -6,15 +6,15 @@ pipeline in one graph; fp32, and int8 by ``quantize``), for MobileNetV3-L and Re
         [--pq-checkpoint demo_output/train/model_final.pt --pq-split demo_output/data/val]
         [--device cuda [--compile]]
 
-``--device cuda`` runs PyTorch on the GPU instead (eager, channels_last, TF32, bf16 autocast; ``--compile`` adds
+``--device cuda`` runs PyTorch on the GPU instead (eager, channels_last, TF32, bf16 with folded batch norms; ``--compile`` adds
 ``torch.compile`` of the channels_last network in fp32 and bf16) and the network graph under ONNX Runtime's CUDA
 provider where the installed onnxruntime has it; post-processing then runs on the GPU (torch operations), or on
 the CPU after ONNX Runtime.
 
 Random weights with structure (``modeling.random_weights``: a fresh model's heatmap is flat, without centers;
 these give many, up to ``top_k`` = 200). Per preset and runtime: the best
-of ``--repeats`` runs of ``predict`` (padding, network, post-processing, result) after a warm-up, the ratio to
-eager PyTorch, and the share of pixels whose label equals eager PyTorch's (float noise can flip a tie). Needs
+of ``--repeats`` runs of ``predict`` (padding, network, post-processing, result) after a warm-up, the ratios to
+eager PyTorch and to channels_last PyTorch (the ``Predictor``'s default), and the share of pixels whose label equals eager PyTorch's (float noise can flip a tie). Needs
 the 'export' extra. With ``--pq-checkpoint`` (a model trained on the synthetic dataset, e.g. by ``make demo``)
 it also prints each runtime's PQ on the synthetic val split and its difference to fp32 (int8 calibrated on 8
 images of the train split beside it). Set
@@ -70,7 +70,7 @@ def _runtimes(checkpoint: Path, folder: Path, calibration: Sequence[Any]) -> dic
     return {
         "PyTorch eager (NCHW)": eager,
         "PyTorch channels_last": Predictor.from_checkpoint(checkpoint, device="cpu"),  # the predictor's default
-        "PyTorch bf16 autocast": Predictor.from_checkpoint(checkpoint, device="cpu", precision="bf16"),
+        "PyTorch bf16 (BN folded)": Predictor.from_checkpoint(checkpoint, device="cpu", precision="bf16"),
         "ORT fp32 network": onnx_predictor(network.path),
         "ORT fp32 whole pipeline": onnx_predictor(pipeline.path),
         "ORT int8 network": onnx_predictor(network_int8.path),
@@ -86,7 +86,7 @@ def _cuda_runtimes(checkpoint: Path, folder: Path, compile_network: bool) -> dic
         "PyTorch eager (NCHW)": eager,
         "PyTorch channels_last": Predictor.from_checkpoint(checkpoint, device="cuda"),
         "PyTorch tf32": Predictor.from_checkpoint(checkpoint, device="cuda", precision="tf32"),
-        "PyTorch bf16 autocast": Predictor.from_checkpoint(checkpoint, device="cuda", precision="bf16"),
+        "PyTorch bf16 (BN folded)": Predictor.from_checkpoint(checkpoint, device="cuda", precision="bf16"),
     }
     if compile_network:
         for name, precision in (("torch.compile fp32", "fp32"), ("torch.compile bf16", "bf16")):
@@ -134,7 +134,7 @@ def main() -> None:
                         help="its synthetic val split (e.g. demo_output/data/val): PQ of every runtime on it")
     args = parser.parse_args()
     image = np.random.default_rng(0).integers(0, 256, (*args.size, 3), dtype=np.uint8)
-    print(f"{'preset':18s} {'runtime':24s} {'s/image':>8s} {'x eager':>8s} {'labels = eager':>15s}")
+    print(f"{'preset':18s} {'runtime':24s} {'s/image':>8s} {'x eager':>8s} {'x ch_last':>9s} {'labels = eager':>15s}")
     for preset in args.presets:
         cfg = load_config(preset, ["model.pretrained=false"])
         torch.manual_seed(0)
@@ -150,9 +150,10 @@ def main() -> None:
             centers = len(runs["PyTorch channels_last"].predict(image).centers)
         print(f"{preset}: {centers} centers detected")
         base_time, base_labels = results["PyTorch eager (NCHW)"]
+        channels_last_time = results["PyTorch channels_last"][0]  # the Predictor's default
         for name, (seconds, labels) in results.items():
             print(f"{preset:18s} {name:24s} {seconds:8.2f} {base_time / seconds:8.2f} "
-                  f"{float((labels == base_labels).mean()):15.6f}", flush=True)
+                  f"{channels_last_time / seconds:9.2f} {float((labels == base_labels).mean()):15.6f}", flush=True)
     if args.pq_checkpoint is not None:
         if args.device == "cuda":
             parser.error("--pq-checkpoint measures the CPU runtimes: leave out --device cuda")

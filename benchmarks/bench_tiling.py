@@ -1,18 +1,19 @@
 """Tiled prediction (``Predictor(tile=...)``, ``predict --tile``) against whole-image prediction.
 
     .venv/bin/python benchmarks/bench_tiling.py [--size 2048x4096] [--tile 512x512] [--overlap 128]
-        [--checkpoint demo_output/run/model_0000200.pt --split data/val512/val --split-tile 129x257]
+        [--checkpoint demo_output/run/model_0000200.pt --split data/mosaic/val --split-tile 256x512
+         --split-overlap 128]
 
 1. Memory and time, MobileNetV3-L (``cityscapes_mnv3``) with random weights on a random ``--size`` image, each run
    in a fresh subprocess: peak resident memory of ``predict`` above the loaded model (Linux ``VmHWM`` after
    resetting it), whole image against tiles. The network's activations follow the tile; the stitched maps
    ((classes + 3) float32 per pixel) and the post-processing follow the image.
 2. With ``--checkpoint`` (a model trained on the synthetic dataset, e.g. by ``make demo``) and a synthetic
-   ``--split`` folder (``make-synthetic``; e.g. 256x512 images, four times the demo's): PQ against the ground truth
-   of whole-image and of tiled predictions (tiles of ``--split-tile``, default the demo's 129x257 training crop),
-   and PQ of the tiled predictions scored against the whole-image ones (100 = identical). A network with global
-   context (image pooling in ASPP) sees different context in a tile than in the whole image, so the two differ
-   even where the tiling itself is exact (``tests/inference/test_predictor.py``: a pointwise model).
+   ``--split`` folder: PQ against the ground truth of whole-image and of tiled predictions (tiles of
+   ``--split-tile``), and PQ of the tiled predictions scored against the whole-image ones (100 = identical). Make
+   the split with objects at the scale the model was trained on, e.g. for the demo model (128x256 images)
+   ``make-synthetic --out data/mosaic --split val --num 8 --size 128x256 --scenes 4x4`` (512x1024 images of 16
+   scenes each) with ``--split-tile 256x512``: the image is four times the tile.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=128)
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--split", type=Path, default=None)
-    parser.add_argument("--split-tile", type=_size, default=(129, 257))
-    parser.add_argument("--split-overlap", type=int, default=64)
+    parser.add_argument("--split-tile", type=_size, default=(256, 512))
+    parser.add_argument("--split-overlap", type=int, default=128)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -14,6 +14,7 @@ from panoptic_deeplab.data.synthetic import (
     SyntheticSplit,
     make_synthetic_dataset,
     render_synthetic_image,
+    render_synthetic_mosaic,
     synthetic_meta,
 )
 from panoptic_deeplab.data.validate import validate_dataset
@@ -110,6 +111,31 @@ def test_make_synthetic_cli(tmp_path, capsys):
     assert "--json" in capsys.readouterr().out
     dataset = load_panoptic_json(Path(tmp_path) / "val" / "panoptic_val.json")
     assert [(im.height, im.width) for im in dataset.images] == [(32, 48), (32, 48)]
+
+
+def test_mosaic_of_scenes_keeps_each_scene_and_renumbers_segments(tmp_path):
+    image, ids, segments = render_synthetic_mosaic(3, "val", 2, (32, 48), scenes=(2, 3))
+    assert image.shape == (64, 144, 3) and ids.shape == (64, 144)
+    next_id = 1
+    for k in range(6):
+        top, left = (k // 3) * 32, (k % 3) * 48
+        scene, scene_ids, scene_segments = render_synthetic_image(3 * 6 + k, "val", 2, (32, 48))
+        np.testing.assert_array_equal(image[top : top + 32, left : left + 48], scene)
+        cell = ids[top : top + 32, left : left + 48]
+        np.testing.assert_array_equal(cell == 0, scene_ids == 0)  # void stays void
+        for segment in scene_segments:
+            np.testing.assert_array_equal(cell == next_id, scene_ids == segment.id)
+            next_id += 1
+    assert [s.id for s in segments] == list(range(1, next_id))
+    # The files pass validation (areas and boxes in image coordinates); the CLI takes --scenes.
+    assert main(["make-synthetic", "--out", str(tmp_path), "--split", "val", "--num", "2", "--size", "32x48",
+                 "--scenes", "2x2", "--no-progress"]) == 0
+    split = SyntheticSplit(tmp_path / "val" / "panoptic_val.json", tmp_path / "val" / "panoptic",
+                           tmp_path / "val" / "images")
+    assert [(im.height, im.width) for im in load_panoptic_json(split.json_path).images] == [(64, 96)] * 2
+    assert validate_dataset(split.json_path, split.png_dir, split.image_dir, progress=False) == []
+    with pytest.raises(ValueError, match=r"^scenes must be at least 1x1, got 0x2$"):
+        render_synthetic_mosaic(0, scenes=(0, 2))
 
 
 def test_bad_arguments_are_rejected(tmp_path):

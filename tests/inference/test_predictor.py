@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -540,7 +541,7 @@ def test_fp32_turns_cuda_tf32_off_for_the_network_and_tf32_on() -> None:
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
 
 
-def test_bf16_precision_runs_the_network_in_bfloat16(tmp_path) -> None:
+def test_bf16_precision_runs_the_network_in_bfloat16(tmp_path, monkeypatch) -> None:
     from panoptic_deeplab.checkpoint import atomic_torch_save
     from panoptic_deeplab.cli import main
     from panoptic_deeplab.config import config_to_dict
@@ -553,6 +554,9 @@ def test_bf16_precision_runs_the_network_in_bfloat16(tmp_path) -> None:
                              tmp_path / "model.pt")
     fp32 = Predictor.from_checkpoint(path, device="cpu")
     bf16 = Predictor.from_checkpoint(path, device="cpu", precision="bf16")
+    # bf16 folds the batch norms into the convolutions (modeling/fusion.py); fp32 stays the exact network.
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in bf16.model.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fp32.model.modules())
     seen: list[torch.dtype] = []
     conv = next(m for m in bf16.model.modules() if isinstance(m, nn.Conv2d))
     conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
@@ -577,6 +581,17 @@ def test_bf16_precision_runs_the_network_in_bfloat16(tmp_path) -> None:
     argv = ["predict", "--checkpoint", str(path), "--input", str(images), "--output", str(tmp_path / "out"),
             "--precision", "bf16", "--no-pictures", "--no-progress"]
     assert main(argv) == 0 and (tmp_path / "out" / "panoptic" / "a.png").is_file()
+
+    # A network the folding does not reproduce runs unfolded, with a warning saying why.
+    from panoptic_deeplab.modeling import fusion
+
+    def refuse(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]:
+        raise fusion.FoldingError("folding 3 batch norms changed the model's 'center' output by 1")
+
+    monkeypatch.setattr(fusion, "fold_batch_norms", refuse)
+    with pytest.warns(UserWarning, match=r"^bf16: batch norms left unfolded: folding 3 batch norms changed"):
+        unfolded = Predictor.from_checkpoint(path, device="cpu", precision="bf16")
+    assert any(isinstance(m, nn.BatchNorm2d) for m in unfolded.model.modules())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,6 +658,57 @@ def test_tiles_stitch_to_the_whole_image_outputs():
     # An overlap narrower than that context splits disk 1 in two.
     narrow = _predictor(BlobModel(), tile=(32, 48), tile_overlap=16).predict(image)
     assert len(narrow.instances) == 3
+
+
+class GlobalContextModel(PointwiseModel):
+    """:class:`PointwiseModel` whose semantic logits also read the image's average colour, as a network with a
+    global image-pooling branch does: a tile alone sees its own average, not the image's."""
+
+    pools_globally = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_mean: torch.Tensor | None = None
+
+    def pooling_features(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.pixel_mean) / self.pixel_std
+
+    @contextlib.contextmanager
+    def image_pooling(self, mean: torch.Tensor):
+        self.image_mean = mean
+        try:
+            yield
+        finally:
+            self.image_mean = None
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = super().forward(images)
+        features = self.pooling_features(images)
+        mean = features.mean(dim=(2, 3), keepdim=True) if self.image_mean is None else self.image_mean
+        return {**outputs, "semantic": outputs["semantic"] + 10.0 * mean[:, [2, 0, 1]]}
+
+
+def test_tiles_of_a_globally_pooling_network_see_the_whole_images_average():
+    """The predictor averages the pooling features over all tiles (each pixel once; padding not at all) and
+    runs every tile with that average: the stitched maps equal the whole image's. With TTA, one average per view."""
+    image = image_to_tensor(_cone_scene(65, 97, DISKS))  # a valid input size: the whole image has no padding
+    whole = _predictor(GlobalContextModel()).raw_outputs([image])[0]
+    tiled = _predictor(GlobalContextModel(), tile=(24, 40), tile_overlap=8)
+    stitched = tiled.raw_outputs([image])[0]
+    expected = whole["semantic"].softmax(dim=1)  # stitching blends probabilities (and returns their log)
+    torch.testing.assert_close(stitched["semantic"].exp(), expected, rtol=0, atol=1e-5)
+    tiled.model.pools_globally = False  # each tile alone: its own average differs from the image's
+    alone = tiled.raw_outputs([image])[0]
+    assert (alone["semantic"].exp() - expected).abs().max() > 0.1
+
+    tta = _predictor(GlobalContextModel(), tile=(24, 40), tile_overlap=8, tta_flip=True, tta_scales=(0.5, 1.0))
+    means = tta._image_pooling_means(image)
+    half = F.interpolate(image[None], size=(33, 49), mode="bilinear", align_corners=True)  # 0.5x, also valid
+    for view, (scale, flip) in zip(means, tta._view_list()):
+        seen = half if scale == 0.5 else image[None]
+        expected_mean = tta.model.pooling_features(seen.flip(-1) if flip else seen).mean(dim=(2, 3), keepdim=True)
+        # Tiles are resized one by one: their borders interpolate differently from the whole image's.
+        torch.testing.assert_close(view, expected_mean, rtol=0, atol=5e-2 if scale == 0.5 else 1e-5)
 
 
 def test_cli_predict_with_tiles(tmp_path, capsys):

@@ -12,6 +12,7 @@ from torch import nn
 from panoptic_deeplab import PanopticDeepLab, build_model
 from panoptic_deeplab.config import ModelConfig
 from panoptic_deeplab.modeling.backbone import BACKBONE_PRESETS
+from panoptic_deeplab.modeling.random_weights import randomize_weights
 
 SIZES = [(1025, 2049), (513, 1025), (640, 640), (257, 300)]
 
@@ -101,6 +102,24 @@ def test_eval_is_deterministic(tiny_config) -> None:
         first, second = model(images), model(images)
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+def test_image_pooling_with_the_inputs_own_mean_changes_nothing(tiny_config) -> None:
+    model = randomize_weights(build_model(tiny_config())).eval()
+    assert model.pools_globally and not build_model(tiny_config(aspp_pool_kernel=(2, 2))).pools_globally
+    images = torch.rand(1, 3, 65, 97)
+    with torch.no_grad():
+        plain = model(images)
+        mean = model.pooling_features(images).mean(dim=(2, 3), keepdim=True)
+        with model.image_pooling(mean):
+            same = model(images)
+        with model.image_pooling(mean + 1.0):
+            other = model(images)
+        after = model(images)  # the context ends with the block
+    for key in plain:
+        torch.testing.assert_close(same[key], plain[key], rtol=1e-5, atol=1e-5)
+        assert torch.equal(after[key], plain[key]), key
+    assert not torch.allclose(other["semantic"], plain["semantic"], rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize(

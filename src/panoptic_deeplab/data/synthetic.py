@@ -21,10 +21,14 @@ pixel noise vary per image. Category ids are deliberately non-contiguous (3, 7, 
 
 Everything is drawn with array operations on bounding windows, and each image's random generator is
 seeded from ``(seed, split, index)``: the same arguments give byte-identical files, and splits differ.
+
+Objects scale with the image size; for large images with objects at a given scale (tiled prediction), each
+image can instead be a grid of independent scenes (``scenes``, ``make-synthetic --scenes 4x4``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import zlib
@@ -279,6 +283,38 @@ def render_synthetic_image(
     return image, canvas.ids, segments
 
 
+def render_synthetic_mosaic(
+    index: int, split: str = "train", seed: int = 0, size: tuple[int, int] = _REFERENCE_SIZE,
+    scenes: tuple[int, int] = (1, 1),
+) -> tuple[np.ndarray, np.ndarray, list[SegmentInfo]]:
+    """:func:`render_synthetic_image` of a ``rows x columns`` grid of independent scenes of ``size`` each: a
+    large image whose objects keep the scale of ``size`` (what a model trained on ``size`` expects; for tiled
+    prediction). Scene ``k`` of image ``index`` is scene ``index * rows * columns + k`` of the split; segment
+    ids are renumbered to stay unique in the image. ``scenes=(1, 1)`` is :func:`render_synthetic_image`."""
+    rows, columns = scenes
+    if rows < 1 or columns < 1:
+        raise ValueError(f"scenes must be at least 1x1, got {rows}x{columns}")
+    if (rows, columns) == (1, 1):
+        return render_synthetic_image(index, split, seed, size)
+    height, width = size
+    image = np.empty((rows * height, columns * width, 3), dtype=np.uint8)
+    ids = np.zeros((rows * height, columns * width), dtype=np.int32)
+    segments: list[SegmentInfo] = []
+    next_id = 1
+    for k in range(rows * columns):
+        top, left = (k // columns) * height, (k % columns) * width
+        scene, scene_ids, scene_segments = render_synthetic_image(index * rows * columns + k, split, seed, size)
+        image[top : top + height, left : left + width] = scene
+        renumber = np.zeros(int(scene_ids.max()) + 1, dtype=np.int32)  # 0 (void) stays 0
+        for segment in scene_segments:
+            renumber[segment.id] = next_id
+            x, y, w, h = segment.bbox
+            segments.append(dataclasses.replace(segment, id=next_id, bbox=(x + left, y + top, w, h)))
+            next_id += 1
+        ids[top : top + height, left : left + width] = renumber[scene_ids]
+    return image, ids, segments
+
+
 def make_synthetic_dataset(
     out_dir: str | os.PathLike[str],
     split: str = "train",
@@ -286,8 +322,10 @@ def make_synthetic_dataset(
     size: tuple[int, int] = _REFERENCE_SIZE,
     seed: int = 0,
     progress: bool = False,
+    scenes: tuple[int, int] = (1, 1),
 ) -> SyntheticSplit:
-    """Write ``num_images`` synthetic images and their COCO panoptic annotations (layout: module doc)."""
+    """Write ``num_images`` synthetic images and their COCO panoptic annotations (layout: module doc); with
+    ``scenes`` (rows, columns) each image is a grid of scenes of ``size`` (:func:`render_synthetic_mosaic`)."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
         raise ValueError(f"split name {split!r} must be letters, digits, '_' or '-'")
     if num_images < 1:
@@ -300,13 +338,13 @@ def make_synthetic_dataset(
     images: list[ImageInfo] = []
     annotations: list[PanopticAnnotation] = []
     for index in tqdm(range(num_images), desc=f"synthetic {split}", disable=not progress):
-        image, ids, segments = render_synthetic_image(index, split, seed, size)
+        image, ids, segments = render_synthetic_mosaic(index, split, seed, size, scenes)
         name = f"{split}_{index:06d}.png"
         # compress_level 1: the noisy images barely compress better at higher levels, at several times the cost.
         pil_image = Image.fromarray(image, mode="RGB")
         write_atomic(paths.image_dir / name, lambda f: pil_image.save(f, format="PNG", compress_level=1))
         write_panoptic_png(paths.png_dir / name, ids)
-        images.append(ImageInfo(index, name, size[0], size[1]))
+        images.append(ImageInfo(index, name, image.shape[0], image.shape[1]))
         annotations.append(PanopticAnnotation(index, name, segments))
     info = {"description": "panoptic_deeplab synthetic dataset", "split": split, "seed": seed}
     save_panoptic_json(paths.json_path, PanopticDataset(images, annotations, synthetic_meta(), {"info": info}))

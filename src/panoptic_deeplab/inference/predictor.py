@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
@@ -34,7 +36,7 @@ from panoptic_deeplab.data.transforms import (
 )
 from panoptic_deeplab.device import cuda_tf32, resolve_device
 from panoptic_deeplab.inference.postprocess import PanopticPrediction, panoptic_postprocess
-from panoptic_deeplab.inference.tiling import check_tiling, stitch_tiles
+from panoptic_deeplab.inference.tiling import check_tiling, stitch_tiles, tile_shares
 from panoptic_deeplab.inference.tracking import InstanceTracker
 from panoptic_deeplab.inference.results import (
     PanopticPredictionWriter,
@@ -47,8 +49,9 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 
 # Arithmetic of the network: "fp32" (exact, the default: on CUDA without TF32, see device.cuda_tf32), "tf32" (CUDA
 # convolutions and matrix products with TF32 inputs: on an H200 ResNet-50 at 1024x2048 took 0.16 s instead of
-# 0.20 s; the same as fp32 on the CPU) or "bf16" (autocast: convolutions and matrix products in bfloat16; about
-# 1.5x end to end on CPUs with AVX512-BF16 / AMX, 1.0-1.2x on an H200). Post-processing stays float32/float64.
+# 0.20 s; the same as fp32 on the CPU) or "bf16" (batch norms folded into the convolutions, then autocast:
+# convolutions and matrix products in bfloat16; about 2x end to end on CPUs with AVX512-BF16 / AMX, 1.0-1.2x on an
+# H200). Post-processing stays float32/float64.
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -174,7 +177,8 @@ class Predictor:
     (converted to pixels of the original image) are averaged (SPEC §5 "TTA"); post-processing then
     receives ``log`` of the averaged probabilities, whose argmax and softmax are those of the average.
     ``precision`` is one of :data:`PRECISIONS`: ``"fp32"`` exact float32 (also on CUDA), ``"tf32"`` CUDA's
-    TF32 convolutions, ``"bf16"`` the network under bfloat16 autocast.
+    TF32 convolutions, ``"bf16"`` the network with its batch norms folded into the convolutions, under bfloat16
+    autocast.
     ``tile`` (height, width): an image larger than it runs on overlapping tiles (``tile_overlap`` pixels, default
     a quarter of the tile's smaller side) whose outputs are stitched before one post-processing
     (:mod:`.tiling`); TTA applies to each tile.
@@ -231,6 +235,24 @@ class Predictor:
         self._pad_fill = (
             [float(v) for v in mean.reshape(-1).tolist()] if isinstance(mean, Tensor) else list(IMAGENET_MEAN)
         )
+        if precision == "bf16" and any(isinstance(m, nn.BatchNorm2d) for m in self.model.modules()):
+            self.model = self._folded(self.model)
+
+    def _folded(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with its batch norms folded into the convolutions (:mod:`..modeling.fusion`):
+        bf16 is approximate anyway, and the folded network skips a pass over every map (0.17 s of 1.5 s for
+        MobileNetV3-L at 1024x2048 on 2 CPU cores)."""
+        from panoptic_deeplab.modeling.fusion import FoldingError, fold_batch_norms
+
+        cfg = self.model_cfg
+        size = valid_input_size(64, 64, cfg.output_stride, cfg.align_corners, cfg.size_divisibility)
+        example = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        try:
+            folded, _ = fold_batch_norms(model, example.contiguous(memory_format=_memory_format(model)))
+        except FoldingError as error:  # a network this rewrite does not understand still runs, unfolded
+            warnings.warn(f"bf16: batch norms left unfolded: {error}", stacklevel=3)
+            return model
+        return folded
 
     @classmethod
     def from_checkpoint(
@@ -303,9 +325,16 @@ class Predictor:
 
     # ------------------------------------------------------------------ model runs
 
-    def _forward_padded(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        """Run the model once on images padded to one valid size (at least ``inference_size``); outputs cropped
-        back to each image."""
+    @contextmanager
+    def _arithmetic(self) -> Iterator[None]:
+        """The network's arithmetic for ``self.precision``."""
+        with cuda_tf32(self.precision == "tf32"), torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        ):
+            yield
+
+    def _pad_batch(self, images: Sequence[Tensor]) -> Tensor:
+        """Images padded at the bottom/right to one valid size (at least ``inference_size``), stacked."""
         height = max(int(im.shape[1]) for im in images)
         width = max(int(im.shape[2]) for im in images)
         cfg = self.model_cfg
@@ -313,10 +342,14 @@ class Predictor:
         if cfg.inference_size is not None:
             size = (max(size[0], int(cfg.inference_size[0])), max(size[1], int(cfg.inference_size[1])))
         batch = torch.stack([pad_to_size(im, size, self._pad_fill) for im in images])
-        batch = batch.contiguous(memory_format=_memory_format(self.model))
-        with cuda_tf32(self.precision == "tf32"), torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
-        ):
+        return batch.contiguous(memory_format=_memory_format(self.model))
+
+    def _forward_padded(self, images: Sequence[Tensor], image_mean: Tensor | None = None) -> list[dict[str, Tensor]]:
+        """Run the model once on :meth:`_pad_batch` of the images (with the image-pooling average ``image_mean``
+        when given); outputs cropped back to each image."""
+        batch = self._pad_batch(images)
+        pooling = self.model.image_pooling(image_mean) if image_mean is not None else nullcontext()
+        with self._arithmetic(), pooling:
             outputs = self.model(batch)
         # Offsets are in input pixels and padding is at the bottom/right: cropping needs no rescale.
         keys = ("semantic", "center", "offset")
@@ -349,18 +382,56 @@ class Predictor:
         images = [im.to(self.device, torch.float32) for im in images]
         if self.tile is None or all(im.shape[1] <= self.tile[0] and im.shape[2] <= self.tile[1] for im in images):
             return self._views(images)
-        return [stitch_tiles(im, self.tile, self.tile_overlap, lambda crop: self._views([crop])[0]) for im in images]
+        stitched = []
+        for image in images:
+            means = self._image_pooling_means(image)
+            stitched.append(stitch_tiles(image, self.tile, self.tile_overlap,
+                                         lambda crop, means=means: self._views([crop], means)[0]))
+        return stitched
 
-    def _views(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """:meth:`raw_outputs` of whole images (on the device)."""
-        views = [(s, f) for s in self.tta_scales for f in ((False, True) if self.tta_flip else (False,))]
+    def _view_list(self) -> list[tuple[float, bool]]:
+        """TTA views: (scale, flip) pairs."""
+        return [(s, f) for s in self.tta_scales for f in ((False, True) if self.tta_flip else (False,))]
+
+    def _image_pooling_means(self, image: Tensor) -> list[Tensor] | None:
+        """For a tiled image and a network with global image pooling: per TTA view, the average over the whole
+        image of what that pooling averages, gathered tile by tile (each pixel weighted once by its
+        :func:`.tiling.tile_shares`); None for networks without global pooling and for exported graphs."""
+        if not getattr(self.model, "pools_globally", False):  # an exported graph pools as it was exported
+            return None
+        assert self.tile is not None
+        views = self._view_list()
+        sums: list[Tensor | float] = [0.0] * len(views)
+        weights = [0.0] * len(views)
+        for (top, left, bottom, right), share in tile_shares(*image.shape[1:], self.tile, self.tile_overlap):
+            crop = image[:, top:bottom, left:right]
+            for v, (scale, flip) in enumerate(views):
+                view = self._scaled(crop, scale)
+                view_share = F.interpolate(share[None, None].to(self.device), size=view.shape[1:], mode="bilinear",
+                                           align_corners=False)
+                if flip:
+                    view, view_share = view.flip(-1), view_share.flip(-1)
+                batch = self._pad_batch([view])
+                with self._arithmetic():
+                    features = self.model.pooling_features(batch).float()
+                # The share of each feature cell: the shares of the input pixels it covers (padding has none).
+                padding = (0, batch.shape[-1] - view.shape[-1], 0, batch.shape[-2] - view.shape[-2])
+                cell_share = F.adaptive_avg_pool2d(F.pad(view_share, padding), features.shape[-2:])
+                sums[v] = sums[v] + (features * cell_share).sum(dim=(2, 3), keepdim=True)
+                weights[v] += float(cell_share.sum())
+        return [total / weight for total, weight in zip(sums, weights)]  # type: ignore[misc]
+
+    def _views(self, images: list[Tensor], image_means: list[Tensor] | None = None) -> list[dict[str, Tensor]]:
+        """:meth:`raw_outputs` of whole images (on the device); ``image_means`` per view: see
+        :meth:`_image_pooling_means`."""
+        views = self._view_list()
         single = views == [(1.0, False)]
         sums: list[dict[str, Tensor]] = []
-        for scale, flip in views:
+        for v, (scale, flip) in enumerate(views):
             inputs = [self._scaled(im, scale) for im in images]
             if flip:
                 inputs = [im.flip(-1) for im in inputs]
-            outputs = self._forward_padded(inputs)
+            outputs = self._forward_padded(inputs, None if image_means is None else image_means[v])
             for i, out in enumerate(outputs):
                 if flip:
                     out = flip_outputs(out)

@@ -32,6 +32,10 @@ class ASPPPooling(nn.Module):
 
     ``conv``: ``"bn"`` 1x1 conv without bias + BN (DL2, the original TF), ``"bias"`` conv with bias and no
     BN (D2), ``"plain"`` conv with neither (BC).
+
+    ``image_mean`` ([1, C, 1, 1], normally None): when set, a global branch uses it instead of its input's
+    average, so that tiles of a large image see the whole image's context
+    (:meth:`~panoptic_deeplab.modeling.PanopticDeepLab.image_pooling`).
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class ASPPPooling(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=conv == "bias")
         self.bn = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=bn_eps) if conv == "bn" else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
+        self.image_mean: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.shape[0] == 1 and type(self.bn) is nn.BatchNorm2d:
@@ -64,7 +69,9 @@ class ASPPPooling(nn.Module):
                 "2 images per batch (per process without SyncBatchNorm); got 1"
             )
         height, width = x.shape[-2:]
-        if self.kernel is None or (self.kernel[0] >= height and self.kernel[1] >= width):
+        if self.kernel is None and self.image_mean is not None:
+            pooled = self.image_mean.to(x.dtype).expand(x.shape[0], -1, -1, -1)
+        elif self.kernel is None or (self.kernel[0] >= height and self.kernel[1] >= width):
             pooled = x.mean(dim=(2, 3), keepdim=True)
         else:
             pooled = F.avg_pool2d(x, (min(self.kernel[0], height), min(self.kernel[1], width)), stride=1)
