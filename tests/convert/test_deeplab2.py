@@ -126,7 +126,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_predict_and_evaluate_on_the_converted_checkpoint(converted, reference, tmp_path) -> None:
     """The CLI on the converted file; evaluated against deeplab2's own prediction as ground truth, PQ is ~100
     with deeplab2's number of centers."""
-    from panoptic_deeplab.data.coco_panoptic import label_map_to_ids
     from panoptic_deeplab.inference.results import PanopticResult
 
     images = tmp_path / "images"
@@ -138,11 +137,9 @@ def test_predict_and_evaluate_on_the_converted_checkpoint(converted, reference, 
     assert (tmp_path / "pred" / "panoptic" / "photo.png").is_file()
 
     theirs = reference["panoptic"][0].astype(np.int64)
-    segment_ids, segments = label_map_to_ids(theirs, converted.meta)
-    gt = PanopticResult(label_map=theirs, semantic=theirs // LABEL_DIVISOR, segment_ids=segment_ids,
-                        segments_info=segments, instances=[], centers=np.zeros((0, 2), np.int64),
-                        center_scores=np.zeros(0, np.float32), center=np.zeros(theirs.shape, np.float32),
-                        offset=np.zeros((2, *theirs.shape), np.float32), meta=converted.meta)
+    gt = PanopticResult(label_map=theirs, semantic=theirs // LABEL_DIVISOR, instances=[],
+                        centers=np.zeros((0, 2), np.int64), center_scores=np.zeros(0, np.float32),
+                        center=np.zeros(theirs.shape, np.float32), offset=np.zeros((2, *theirs.shape), np.float32), meta=converted.meta)
     gt.save(tmp_path / "gt", "photo", image_file_name="photo.png")
     kept = int(reference["instance_pred"].max())
     report = tmp_path / "report.json"

@@ -596,6 +596,32 @@ def test_cuda_equals_cpu(void_channel, **case):
     _assert_same_predictions(on_cuda, expected)
 
 
+def test_compiled_backend_reads_crops_of_padded_maps_in_place():
+    """The predictor crops the network's padded outputs: the kernels read such views where they lie (rows
+    ``row_stride`` apart), with the results of contiguous copies; other layouts are copied first."""
+    from panoptic_deeplab.inference.postprocess import _rows_in_place
+
+    logits, heat, offset = (torch.from_numpy(a) for a in _blobs_case(4))
+    cfg = PostProcessConfig(center_threshold=0.5, stuff_area=30)
+    height, width = logits.shape[-2:]
+    expected = panoptic_postprocess(logits, heat, offset, [3, 4, 5], cfg, backend="compiled")
+
+    def padded(maps: torch.Tensor, extra: int) -> torch.Tensor:  # ``maps`` cropped from the end of a larger batch
+        big = torch.randn(1 + maps.shape[0], maps.shape[1], height + extra, width + extra)
+        big[1:, :, :height, :width] = maps
+        return big[1:, :, :height, :width]
+
+    crops = [padded(logits, 3), padded(heat, 3), padded(offset, 3)]
+    view, row_stride = _rows_in_place(crops[0][0])
+    assert row_stride == width + 3 and view.flags["C_CONTIGUOUS"]
+    assert np.shares_memory(view, crops[0].numpy())  # read in place, not copied
+    _assert_same_predictions(panoptic_postprocess(*crops, [3, 4, 5], cfg, backend="compiled"), expected)
+    # Offsets padded differently from the logits, or maps stored column by column: copies, the same results.
+    for mixed in ([crops[0], crops[1], padded(offset, 5)],
+                  [logits.transpose(-1, -2).contiguous().transpose(-1, -2), heat, offset]):
+        _assert_same_predictions(panoptic_postprocess(*mixed, [3, 4, 5], cfg, backend="compiled"), expected)
+
+
 def test_compiled_backend_threads_and_errors():
     logits, heat, offset = (torch.from_numpy(a) for a in _blobs_case(4))
     cfg = PostProcessConfig(center_threshold=0.5, stuff_area=30)

@@ -73,10 +73,11 @@ def exp_nonpositive(x: np.float32) -> np.float32:
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def classify_and_group(
-    logits: np.ndarray,  # [C, H*W] float32
-    offset: np.ndarray,  # [2, H*W] float32 (dy, dx)
+    logits: np.ndarray,  # [C, >= (H - 1) * row_stride + W] float32: pixel (y, x) at y * row_stride + x
+    offset: np.ndarray,  # [2, same] float32 (dy, dx)
     height: int,
     width: int,
+    row_stride: int,  # >= width: the maps may be a crop of wider ones (the predictor's padding), read in place
     is_thing: np.ndarray,  # [classes] bool, classes = C - void_channel (+ 1 for the void class)
     void_channel: bool,
     cell_size: int,
@@ -106,7 +107,7 @@ def classify_and_group(
         best_channel = np.empty(width, dtype=np.int32)
         total = np.empty(width, dtype=np.float32)
         for y in range(chunk * rows_per_chunk, min(height, (chunk + 1) * rows_per_chunk)):
-            row = y * width
+            row = y * row_stride
             # The loops below vectorise only over 1-D contiguous slices and with non-short-circuit & and |.
             first = logits[0, row : row + width]
             for x in range(width):
@@ -127,7 +128,7 @@ def classify_and_group(
                 for x in range(width):
                     total[x] += exp_nonpositive(channel[x] - best[x])
             for x in range(width):
-                p = row + x
+                p = y * width + x
                 logit_max[p] = best[x]
                 exp_sum[p] = total[x]
                 cls = best_channel[x]
@@ -137,8 +138,8 @@ def classify_and_group(
                 found = 0
                 if is_thing[cls] and num_centers > 0:
                     # SPEC §9.2: predicted center = pixel + (dy, dx), in float64 as the torch version.
-                    py = y + np.float64(offset[0, p])
-                    px = x + np.float64(offset[1, p])
+                    py = y + np.float64(offset[0, row + x])
+                    px = x + np.float64(offset[1, row + x])
                     if not (math.isfinite(py) and math.isfinite(px)):
                         non_finite += 1
                     else:
@@ -171,12 +172,13 @@ def classify_and_group(
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def label_and_measure(
-    logits: np.ndarray,  # [C, H*W] float32
+    logits: np.ndarray,  # [C, >= (H - 1) * row_stride + W] float32, as in pass 1
     semantic: np.ndarray,  # [H*W] int64 from pass 1
     instance: np.ndarray,  # [H*W] int32 from pass 1
     logit_max: np.ndarray,  # [H*W] float32 from pass 1
     exp_sum: np.ndarray,  # [H*W] float32 from pass 1
     width: int,
+    row_stride: int,
     is_thing: np.ndarray,  # [classes] bool
     stuff_labels: np.ndarray,  # [classes] int64 label of each class's stuff pixels
     instance_labels: np.ndarray,  # [K + 1] int64 label of each instance's thing pixels
@@ -202,11 +204,11 @@ def label_and_measure(
             own_channel = instance_channel[k]
             if own_channel < 0:
                 continue
-            # Softmax probability of the instance's class (its logit is at most the maximum).
-            probability = exp_nonpositive(logits[own_channel, p] - logit_max[p]) / exp_sum[p]
-            chunk_sums[k] += np.float64(probability)
             y = p // width
             x = p - y * width
+            # Softmax probability of the instance's class (its logit is at most the maximum).
+            probability = exp_nonpositive(logits[own_channel, y * row_stride + x] - logit_max[p]) / exp_sum[p]
+            chunk_sums[k] += np.float64(probability)
             box = chunk_boxes[k]
             box[0] = min(box[0], x)
             box[1] = min(box[1], y)
