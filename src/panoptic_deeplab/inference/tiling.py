@@ -95,18 +95,12 @@ def stitch_tiles(
     ``offset`` blended."""
     height, width = int(image.shape[1]), int(image.shape[2])
     sums: dict[str, Tensor] = {}
-    total = torch.zeros(height, width, device=image.device)
-    for (top, left, bottom, right), weight in tile_layout(height, width, tile, overlap):
+    for (top, left, bottom, right), share in tile_shares(height, width, tile, overlap):
         out = run(image[:, top:bottom, left:right])
-        weight = weight.to(image.device)
+        share = share.to(image.device)
         parts = {"semantic": out["semantic"].softmax(dim=1), "center": out["center"], "offset": out["offset"]}
         for key, value in parts.items():
             if key not in sums:
                 sums[key] = torch.zeros((1, value.shape[1], height, width), device=image.device)
-            sums[key][..., top:bottom, left:right] += value * weight
-        total[top:bottom, left:right] += weight
-    return {
-        "semantic": (sums["semantic"] / total).clamp_min_(1e-12).log_(),
-        "center": sums["center"] / total,
-        "offset": sums["offset"] / total,
-    }
+            sums[key][..., top:bottom, left:right] += value * share
+    return {**sums, "semantic": sums["semantic"].clamp_min_(1e-12).log_()}

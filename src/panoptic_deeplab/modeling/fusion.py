@@ -24,8 +24,9 @@ class FoldingError(RuntimeError):
     """The folded network does not reproduce the original's outputs."""
 
 
-def _conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-    """(conv, bn) pairs where the bn's input is the conv's output, from one forward pass on ``example``."""
+def _conv_bn_pairs(model: nn.Module, example: Tensor) -> tuple[list[tuple[nn.Conv2d, nn.BatchNorm2d]], dict[str, Tensor]]:
+    """(conv, bn) pairs where the bn's input is the conv's output, and the model's outputs, from one forward pass
+    on ``example``."""
     outputs: dict[int, tuple[nn.Conv2d, Tensor]] = {}  # the tensors are held so that their ids stay unique
     pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
 
@@ -45,14 +46,14 @@ def _conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[nn.Conv2d, n
             handles.append(module.register_forward_pre_hook(before_bn))
     try:
         with torch.no_grad():
-            model(example)
+            result = model(example)
     finally:
         for handle in handles:
             handle.remove()
     # A conv shared by two batch norms, or a bn run twice, cannot fold into one set of weights.
     convs = [conv for conv, _ in pairs]
     bns = [bn for _, bn in pairs]
-    return [(c, b) for c, b in pairs if convs.count(c) == 1 and bns.count(b) == 1]
+    return [(c, b) for c, b in pairs if convs.count(c) == 1 and bns.count(b) == 1], result
 
 
 def _has_activation(module: nn.Module) -> bool:
@@ -107,10 +108,8 @@ def fold_batch_norms(model: nn.Module, example: Tensor, rtol: float = 1e-3) -> t
     if model.training:
         raise ValueError("fold_batch_norms needs a model in eval mode (batch norms fold with their running statistics)")
     folded = copy.deepcopy(model)
-    with torch.no_grad():
-        before = folded(example)
-    pairs = [(conv, bn) for conv, bn in _conv_bn_pairs(folded, example)
-             if bn.track_running_stats and bn.running_mean is not None]
+    found, before = _conv_bn_pairs(folded, example)
+    pairs = [(conv, bn) for conv, bn in found if bn.track_running_stats and bn.running_mean is not None]
     for conv, bn in pairs:
         _fold(conv, bn)
         _become_folded(bn)

@@ -110,10 +110,13 @@ class PanopticDeepLab(nn.Module):
         """RGB in ``[0, 1]`` -> ``(x - pixel_mean) / pixel_std``."""
         return (images - self.pixel_mean) / self.pixel_std
 
+    def _global_pooling_branches(self) -> list[ASPPPooling]:
+        return [m for m in self.modules() if isinstance(m, ASPPPooling) and m.kernel is None]
+
     @property
     def pools_globally(self) -> bool:
         """Whether an ASPP image-pooling branch averages over the whole input (``aspp_pool_kernel`` None)."""
-        return any(isinstance(m, ASPPPooling) and m.kernel is None for m in self.modules())
+        return bool(self._global_pooling_branches())
 
     def pooling_features(self, images: torch.Tensor) -> torch.Tensor:
         """The map that both ASPPs' image-pooling branches average: the backbone's last features of ``images``."""
@@ -124,7 +127,7 @@ class PanopticDeepLab(nn.Module):
         """Within the block, global image-pooling branches use ``mean`` ([1, C, 1, 1]: :meth:`pooling_features`
         averaged over a whole image) instead of averaging their input: a tile then sees the image's context
         (inference/tiling.py)."""
-        branches = [m for m in self.modules() if isinstance(m, ASPPPooling) and m.kernel is None]
+        branches = self._global_pooling_branches()
         for branch in branches:
             branch.image_mean = mean
         try:
