@@ -24,7 +24,9 @@ class FoldingError(RuntimeError):
     """The folded network does not reproduce the original's outputs."""
 
 
-def _conv_bn_pairs(model: nn.Module, example: Tensor) -> tuple[list[tuple[nn.Conv2d, nn.BatchNorm2d]], dict[str, Tensor]]:
+def _conv_bn_pairs(
+    model: nn.Module, example: Tensor
+) -> tuple[list[tuple[nn.Conv2d, nn.BatchNorm2d]], dict[str, Tensor]]:
     """(conv, bn) pairs where the bn's input is the conv's output, and the model's outputs, from one forward pass
     on ``example``."""
     outputs: dict[int, tuple[nn.Conv2d, Tensor]] = {}  # the tensors are held so that their ids stay unique
