@@ -4,10 +4,13 @@
         [--checkpoint demo_output/run/model_0000200.pt --split data/mosaic/val --split-tile 256x512
          --split-overlap 128]
 
-1. Memory and time, MobileNetV3-L (``cityscapes_mnv3``) with random weights on a random ``--size`` image, each run
-   in a fresh subprocess: peak resident memory of ``predict`` above the loaded model (Linux ``VmHWM`` after
-   resetting it), whole image against tiles. The network's activations follow the tile; the stitched maps
-   ((classes + 3) float32 per pixel) and the post-processing follow the image.
+1. Memory and time, MobileNetV3-L (``cityscapes_mnv3``) with random weights on random images of half ``--size``
+   and ``--size``, each run in a fresh subprocess: peak resident memory of ``predict`` above the loaded model
+   (Linux ``VmHWM`` after resetting it), whole image against tiles and against tiles with ``low_memory`` (bands),
+   and how much each grows per image pixel. The network's activations follow the tile; with plain tiles the
+   stitched maps ((classes + 3) float32 per pixel) and the post-processing follow the image; with ``low_memory``
+   what grows with the image is the result itself (label and semantic maps, center heatmap, offsets) and the
+   input.
 2. With ``--checkpoint`` (a model trained on the synthetic dataset, e.g. by ``make demo``) and a synthetic
    ``--split`` folder: PQ against the ground truth of whole-image and of tiled predictions (tiles of
    ``--split-tile``), and PQ of the tiled predictions scored against the whole-image ones (100 = identical). Make
@@ -43,16 +46,24 @@ def _size(text: str) -> tuple[int, int]:
     return int(height), int(width)
 
 
+# What any prediction holds per image pixel: the result's label and semantic maps (int64), center heatmap (float32)
+# and offsets (2 x float32); the input as the float32 [3, H, W] tensor the predictor converts it to.
+RESULT_BYTES = 8 + 8 + 4 + 8
+INPUT_BYTES = 12
+
+
 def _kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def worker(checkpoint: str, size: tuple[int, int], tile: tuple[int, int] | None, overlap: int) -> None:
+def worker(checkpoint: str, size: tuple[int, int], tile: tuple[int, int] | None, overlap: int,
+           low_memory: bool) -> None:
     """One measured ``predict`` in this process; prints a JSON line."""
     torch.set_num_threads(2)
     image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
-    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", tile=tile, tile_overlap=overlap)
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", tile=tile, tile_overlap=overlap,
+                                          low_memory=low_memory)
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter (Linux >= 4.0)
         f.write("5")
     before = _kib("VmRSS")
@@ -63,9 +74,11 @@ def worker(checkpoint: str, size: tuple[int, int], tile: tuple[int, int] | None,
                       "instances": len(result.instances)}))
 
 
-def _measure(checkpoint: Path, size: tuple[int, int], tile: tuple[int, int] | None, overlap: int) -> dict:
+def _measure(checkpoint: Path, size: tuple[int, int], tile: tuple[int, int] | None, overlap: int,
+             low_memory: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", str(checkpoint), "--size", f"{size[0]}x{size[1]}",
            "--overlap", str(overlap)] + (["--tile", f"{tile[0]}x{tile[1]}"] if tile else [])
+    cmd += ["--low-memory"] if low_memory else []
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -97,9 +110,10 @@ def main() -> None:
     parser.add_argument("--split-tile", type=_size, default=(256, 512))
     parser.add_argument("--split-overlap", type=int, default=128)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.size, args.tile if "--tile" in sys.argv else None, args.overlap)
+        worker(args.worker, args.size, args.tile if "--tile" in sys.argv else None, args.overlap, args.low_memory)
         return
 
     cfg = load_config("cityscapes_mnv3", ["model.pretrained=false"])
@@ -110,13 +124,24 @@ def main() -> None:
                                         "meta": dataset_meta("cityscapes").to_json()}, Path(tmp) / "model.pt")
         height, width = args.size
         print("MobileNetV3-L, random weights, 2 threads; peak memory of predict above the loaded model")
-        for size in ((height // 2, width // 2), (height, width)):
-            whole = _measure(checkpoint, size, None, 0)
-            tiled = _measure(checkpoint, size, args.tile, args.overlap)
-            print(f"{size[0]}x{size[1]}: whole {whole['seconds']:.1f} s, {whole['peak_mib']:.0f} MiB; tiles "
-                  f"{args.tile[0]}x{args.tile[1]} (overlap {args.overlap}) {tiled['seconds']:.1f} s, "
-                  f"{tiled['peak_mib']:.0f} MiB; memory ratio whole / tiles {whole['peak_mib'] / tiled['peak_mib']:.1f}x",
-                  flush=True)
+        print(f"tiles {args.tile[0]}x{args.tile[1]} with {args.overlap} px overlap; the result alone holds "
+              f"{RESULT_BYTES} bytes per pixel and the input {INPUT_BYTES}")
+        modes = {"whole": (None, False), "tiles": (args.tile, False), "tiles --low-memory": (args.tile, True)}
+        sizes = ((height // 2, width // 2), (height, width))
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for size in sizes:
+            for mode, (tile, low_memory) in modes.items():
+                run = _measure(checkpoint, size, tile, args.overlap if tile else 0, low_memory)
+                runs[mode].append(run)
+                print(f"{size[0]}x{size[1]} {mode:<19} {run['seconds']:6.1f} s {run['peak_mib']:7.0f} MiB "
+                      f"(whole / this {runs['whole'][-1]['peak_mib'] / run['peak_mib']:.1f}x)", flush=True)
+        added_pixels = sizes[1][0] * sizes[1][1] - sizes[0][0] * sizes[0][1]
+        for mode, (small, large) in runs.items():
+            per_pixel = (large["peak_mib"] - small["peak_mib"]) * 2**20 / added_pixels
+            fixed = large["peak_mib"] - per_pixel * sizes[1][0] * sizes[1][1] / 2**20
+            print(f"{mode:<19} grows by {per_pixel:.0f} bytes per image pixel "
+                  f"({per_pixel - RESULT_BYTES - INPUT_BYTES:.0f} beyond the result and the input) on top of "
+                  f"{fixed:.0f} MiB")
     if args.checkpoint is not None:
         if args.split is None:
             parser.error("--checkpoint needs --split")

@@ -319,6 +319,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    "(large images: the network's memory follows the tile)")
     p.add_argument("--tile-overlap", type=int, default=None, metavar="P",
                    help="pixels shared by neighbouring tiles (default a quarter of the tile's smaller side)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="with --tile: post-process the stitched maps band by band instead of holding them whole "
+                   "(images larger than memory allows; the network runs twice per tile)")
     p.add_argument("--sequence", action="store_true",
                    help="the images are the frames of one video, in file name order: each object keeps its "
                    "instance id and PNG segment id (category_id * 1000 + instance) over the frames (tracking)")
@@ -353,8 +356,12 @@ def _run_predict(args: argparse.Namespace) -> int:
     options = dict(tta_flip=args.tta_flip, tta_scales=args.tta_scales, batch_size=args.batch_size)
     if args.tile_overlap is not None and args.tile is None:
         raise ValueError("--tile-overlap needs --tile")
+    if args.low_memory and args.tile is None:
+        raise ValueError("--low-memory needs --tile")
+    if args.low_memory and (args.sequence or video):
+        raise ValueError("--low-memory applies to single images: videos and --sequence hold each frame's maps whole")
     if args.tile is not None:
-        options.update(tile=args.tile, tile_overlap=args.tile_overlap)
+        options.update(tile=args.tile, tile_overlap=args.tile_overlap, low_memory=args.low_memory)
     if args.onnx:
         from panoptic_deeplab.export import onnx_predictor
 

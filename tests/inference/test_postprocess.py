@@ -584,6 +584,41 @@ def test_invariants_on_random_maps(void_channel, batch, **case):
         _assert_same_predictions(alone, [result])
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@_RANDOM_MAPS
+def test_post_processing_in_bands_equals_the_whole_map(void_channel, batch, seed, **case):
+    """Maps that arrive in bands of rows (large tiled images, :mod:`.banded`) give the whole map's result."""
+    from panoptic_deeplab.inference.banded import postprocess_bands
+
+    (logits, heat, offset), thing_ids, cfg = _random_maps(void_channel=void_channel, batch=1, seed=seed, **case)
+    expected = panoptic_postprocess(logits, heat, offset, thing_ids, cfg, void_channel=void_channel)
+    height, width = heat.shape[-2:]
+    rng = np.random.default_rng(seed)
+    cuts = [0, *sorted(rng.choice(np.arange(1, height), size=min(height - 1, 3), replace=False).tolist()), height]
+    calls = []
+
+    def bands():
+        calls.append(1)
+        for top, bottom in zip(cuts, cuts[1:]):
+            yield top, {"semantic": logits[..., top:bottom, :], "center": heat[..., top:bottom, :],
+                        "offset": offset[..., top:bottom, :]}
+
+    actual, center, offset_out = postprocess_bands(bands, (height, width), thing_ids, cfg, void_channel=void_channel)
+    _assert_same_predictions([actual], expected)
+    assert torch.equal(center, heat[0]) and torch.equal(offset_out, offset[0])
+    assert len(calls) == (2 if len(expected[0].instances) else 1)
+
+
+def test_post_processing_in_bands_refuses_gaps():
+    from panoptic_deeplab.inference.banded import postprocess_bands
+
+    maps = {"semantic": torch.zeros(1, 3, 4, 5), "center": torch.zeros(1, 1, 4, 5), "offset": torch.zeros(1, 2, 4, 5)}
+    with pytest.raises(ValueError, match=r"^bands must follow each other down the image: expected rows from 4, got 5"):
+        postprocess_bands(lambda: [(0, maps), (5, maps)], (9, 5), [1])
+    with pytest.raises(ValueError, match=r"^the bands cover 4 of the image's 9 rows"):
+        postprocess_bands(lambda: [(0, maps)], (9, 5), [1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @settings(max_examples=40, deadline=None, derandomize=True)
 @_RANDOM_MAPS

@@ -711,6 +711,66 @@ def test_tiles_of_a_globally_pooling_network_see_the_whole_images_average():
         torch.testing.assert_close(view, expected_mean, rtol=0, atol=5e-2 if scale == 0.5 else 1e-5)
 
 
+def _same_results(actual, expected) -> None:
+    np.testing.assert_array_equal(actual.label_map, expected.label_map)
+    np.testing.assert_array_equal(actual.semantic, expected.semantic)
+    np.testing.assert_array_equal(actual.center, expected.center)
+    np.testing.assert_array_equal(actual.offset, expected.offset)
+    np.testing.assert_array_equal(actual.centers, expected.centers)
+    assert [(i.label, i.box, i.area) for i in actual.instances] == [(i.label, i.box, i.area) for i in expected.instances]
+    np.testing.assert_allclose([i.score for i in actual.instances], [i.score for i in expected.instances], rtol=1e-6)
+
+
+@pytest.mark.parametrize("model", [BlobModel, GlobalContextModel], ids=["context", "global-pooling"])
+def test_low_memory_tiles_post_process_in_bands_to_the_same_result(model, monkeypatch):
+    """``low_memory``: the stitched maps come band by band (one row of tiles held) and are post-processed so;
+    the result is the one of the stitched whole maps. Images within the tile run whole either way."""
+    from panoptic_deeplab.inference import predictor as predictor_module
+
+    band_counts = []
+
+    def counting(bands, *args, **kwargs):
+        band_counts.append(len(list(bands())))
+        return postprocess_bands(bands, *args, **kwargs)
+
+    postprocess_bands = predictor_module.postprocess_bands
+    monkeypatch.setattr(predictor_module, "postprocess_bands", counting)
+    image = _scene(61, 97, DISKS)
+    options = {"tile": (24, 40), "tile_overlap": 8}
+    expected = _predictor(model(), **options).predict(image)
+    low = _predictor(model(), low_memory=True, **options)
+    _same_results(low.predict(image), expected)
+    assert band_counts == [4]  # tiles start at rows 0, 16, 32, 37
+    assert len(expected.instances) >= 2
+    small = image[:20, :30]
+    _same_results(low.predict_batch([small, image])[0], _predictor(model()).predict(small))
+    with pytest.raises(ValueError, match=r"^low_memory post-processes tiled predictions in bands: it needs a tile"):
+        _predictor(model(), low_memory=True)
+
+
+def test_bands_of_stitched_maps_follow_the_rows_of_tiles():
+    from panoptic_deeplab.inference.tiling import stitch_bands, stitch_tiles, tile_shares
+
+    image = torch.rand(3, 70, 50)
+    runs = []
+
+    def run(crop):
+        runs.append(crop.shape)
+        return {"semantic": crop[None], "center": crop[None, :1], "offset": crop[None, 1:]}
+
+    bands = list(stitch_bands(image, (32, 24), 8, run))
+    # Tiles start at rows 0, 24, 38: rows 0..23 are done when the second row of tiles starts, 24..37 at the third.
+    assert [(top, band["center"].shape[-2]) for top, band in bands] == [(0, 24), (24, 14), (38, 32)]
+    whole = stitch_tiles(image, (32, 24), 8, run)
+    for key in whole:
+        torch.testing.assert_close(torch.cat([band[key] for _, band in bands], dim=-2), whole[key], rtol=0, atol=0)
+    torch.testing.assert_close(whole["center"][0], image[:1], rtol=0, atol=1e-6)  # shares add up to 1
+    shares = torch.zeros(70, 50)
+    for (top, left, bottom, right), share in tile_shares(70, 50, (32, 24), 8):
+        shares[top:bottom, left:right] += share
+    torch.testing.assert_close(shares, torch.ones(70, 50))
+
+
 def test_cli_predict_with_tiles(tmp_path, capsys):
     from panoptic_deeplab.checkpoint import atomic_torch_save
     from panoptic_deeplab.cli import main
@@ -727,6 +787,12 @@ def test_cli_predict_with_tiles(tmp_path, capsys):
             "--no-pictures"]
     assert main([*argv, "--output", str(tmp_path / "out"), "--tile", "40x64", "--tile-overlap", "12"]) == 0
     assert read_panoptic_png(tmp_path / "out" / "panoptic" / "scene.png").shape == (61, 97)
+    assert main([*argv, "--output", str(tmp_path / "low"), "--tile", "40x64", "--tile-overlap", "12",
+                 "--low-memory"]) == 0
+    np.testing.assert_array_equal(read_panoptic_png(tmp_path / "low" / "panoptic" / "scene.png"),
+                                  read_panoptic_png(tmp_path / "out" / "panoptic" / "scene.png"))
+    assert main([*argv, "--output", str(tmp_path / "z"), "--low-memory"]) == 2
+    assert "error: --low-memory needs --tile" in capsys.readouterr().err
     assert main([*argv, "--output", str(tmp_path / "x"), "--tile-overlap", "12"]) == 2
     assert "error: --tile-overlap needs --tile" in capsys.readouterr().err
     assert main([*argv, "--output", str(tmp_path / "y"), "--tile", "40x64", "--tile-overlap", "40"]) == 2

@@ -274,15 +274,18 @@ def _nearest_center(
     return torch.cat([_search(py[i : i + chunk], px[i : i + chunk], table) for i in range(0, py.shape[0], chunk)])
 
 
-def _group_flat(thing_idx: Tensor, centers: Tensor, offset: Tensor) -> Tensor:
+def _group_flat(
+    thing_idx: Tensor, centers: Tensor, offset: Tensor, table: _CandidateTable | None = None
+) -> Tensor:
     """Class-agnostic instance id (1..K, or 0 when no center) of the flat thing pixels ``thing_idx``.
 
-    Everything but the result is computed per chunk of pixels, so temporary memory stays bounded.
+    Everything but the result is computed per chunk of pixels, so temporary memory stays bounded. ``table``:
+    the centers' :func:`_build_table` for the offset's size, when the caller groups the image in parts.
     """
     if centers.shape[0] == 0:
         return torch.zeros_like(thing_idx)
     height, width = offset.shape[1:]
-    table = _build_table(centers, height, width)
+    table = table if table is not None else _build_table(centers, height, width)
     labels = torch.empty_like(thing_idx)
     flat_dy = offset[0].reshape(-1)
     flat_dx = offset[1].reshape(-1)
@@ -479,6 +482,27 @@ def merge_semantic_and_instance(
     return merged.label_flat.view(semantic.shape)
 
 
+def _probability_sums(logits: Tensor, thing_idx: Tensor, instance_ids: Tensor, channel_of_instance: Tensor) -> Tensor:
+    """Per instance (row k + 1 of ``channel_of_instance``, the channel of its class), the sum over its pixels
+    (flat ``thing_idx`` of the ``[C, H, W]`` logits, grouped to ``instance_ids``) of that class's softmax
+    probability; float64 ``[K + 1]``."""
+    num_classes = logits.shape[0]
+    prob_sum = torch.zeros(channel_of_instance.numel(), dtype=torch.float64, device=logits.device)
+    flat_logits = logits.reshape(num_classes, -1)
+    # Chunked so that the [C, chunk] gather of logits stays small (8 MB in float32).
+    chunk = max(1, 4 * _CHUNK_ELEMENTS // num_classes)
+    for start in range(0, thing_idx.numel(), chunk):
+        idx = thing_idx[start : start + chunk]
+        ids = instance_ids[start : start + chunk]
+        gathered = flat_logits.index_select(1, idx).float()
+        own = gathered.gather(0, channel_of_instance[ids][None])
+        # softmax_own = 1 / sum_c exp(l_c - l_own): no max subtraction needed, an overflow to inf gives the
+        # right limit 0, and it saves the log/exp of logsumexp.
+        prob = gathered.sub_(own).exp_().sum(dim=0).reciprocal_()
+        prob_sum += torch.bincount(ids, weights=prob.double(), minlength=channel_of_instance.numel())
+    return prob_sum
+
+
 def _instance_scores_boxes(
     logits: Tensor,
     thing_idx: Tensor,
@@ -494,26 +518,14 @@ def _instance_scores_boxes(
 
     Sums over masks use bincount / scatter_reduce over the thing pixels once, never a scan per instance.
     """
-    num_classes, _, width = logits.shape
+    width = logits.shape[-1]
     num_centers = center_scores.numel()
     device = logits.device
     if merged.classes.numel() == 0:
         return torch.zeros(0, device=device), torch.zeros(0, 4, device=device)
     class_of_instance = torch.zeros(num_centers + 1, dtype=torch.long, device=device)
     class_of_instance[merged.center_index + 1] = merged.classes + first_class_channel
-    prob_sum = torch.zeros(num_centers + 1, dtype=torch.float64, device=device)
-    flat_logits = logits.reshape(num_classes, -1)
-    # Chunked so that the [C, chunk] gather of logits stays small (8 MB in float32).
-    chunk = max(1, 4 * _CHUNK_ELEMENTS // num_classes)
-    for start in range(0, thing_idx.numel(), chunk):
-        idx = thing_idx[start : start + chunk]
-        ids = instance_ids[start : start + chunk]
-        gathered = flat_logits.index_select(1, idx).float()
-        own = gathered.gather(0, class_of_instance[ids][None])
-        # softmax_own = 1 / sum_c exp(l_c - l_own): no max subtraction needed, an overflow to inf gives the
-        # right limit 0, and it saves the log/exp of logsumexp.
-        prob = gathered.sub_(own).exp_().sum(dim=0).reciprocal_()
-        prob_sum += torch.bincount(ids, weights=prob.double(), minlength=num_centers + 1)
+    prob_sum = _probability_sums(logits, thing_idx, instance_ids, class_of_instance)
     rows = merged.center_index + 1
     mean_prob = prob_sum[rows] / merged.areas.double()
     scores = (center_scores[merged.center_index].double() * mean_prob).float()

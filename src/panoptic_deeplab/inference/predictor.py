@@ -35,8 +35,9 @@ from panoptic_deeplab.data.transforms import (
     valid_input_size,
 )
 from panoptic_deeplab.device import cuda_tf32, resolve_device
+from panoptic_deeplab.inference.banded import postprocess_bands
 from panoptic_deeplab.inference.postprocess import PanopticPrediction, panoptic_postprocess
-from panoptic_deeplab.inference.tiling import check_tiling, stitch_tiles, tile_shares
+from panoptic_deeplab.inference.tiling import check_tiling, stitch_bands, stitch_tiles, tile_shares
 from panoptic_deeplab.inference.tracking import InstanceTracker
 from panoptic_deeplab.inference.results import (
     PanopticPredictionWriter,
@@ -181,7 +182,9 @@ class Predictor:
     autocast.
     ``tile`` (height, width): an image larger than it runs on overlapping tiles (``tile_overlap`` pixels, default
     a quarter of the tile's smaller side) whose outputs are stitched before one post-processing
-    (:mod:`.tiling`); TTA applies to each tile.
+    (:mod:`.tiling`); TTA applies to each tile. ``low_memory`` (with ``tile``): :meth:`predict` and
+    :meth:`predict_batch` post-process the stitched maps band by band and never hold them whole (:mod:`.banded`);
+    the network runs twice per tile.
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class Predictor:
         precision: str = "fp32",
         tile: Sequence[int] | None = None,
         tile_overlap: int | None = None,
+        low_memory: bool = False,
     ) -> None:
         if isinstance(cfg, Config):
             model_cfg, post_cfg = cfg.model, cfg.postprocess
@@ -222,6 +226,9 @@ class Predictor:
         if tile is not None:
             self.tile_overlap = min(int(t) for t in tile) // 4 if tile_overlap is None else int(tile_overlap)
             self.tile = check_tiling(tile, self.tile_overlap)
+        if low_memory and tile is None:
+            raise ValueError("low_memory post-processes tiled predictions in bands: it needs a tile size")
+        self.low_memory = bool(low_memory)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.model_cfg = model_cfg
@@ -380,14 +387,18 @@ class Predictor:
         tiles), ``center`` [1, 1, H, W], ``offset`` [1, 2, H, W] in pixels of the image."""
         self.model.eval()
         images = [im.to(self.device, torch.float32) for im in images]
-        if self.tile is None or all(im.shape[1] <= self.tile[0] and im.shape[2] <= self.tile[1] for im in images):
+        if not any(self._is_tiled(im) for im in images):
             return self._views(images)
-        stitched = []
-        for image in images:
-            means = self._image_pooling_means(image)
-            stitched.append(stitch_tiles(image, self.tile, self.tile_overlap,
-                                         lambda crop, means=means: self._views([crop], means)[0]))
-        return stitched
+        return [stitch_tiles(image, self.tile, self.tile_overlap, self._tile_runner(image))  # type: ignore[arg-type]
+                for image in images]
+
+    def _is_tiled(self, image: Tensor) -> bool:
+        return self.tile is not None and (image.shape[1] > self.tile[0] or image.shape[2] > self.tile[1])
+
+    def _tile_runner(self, image: Tensor) -> Callable[[Tensor], dict[str, Tensor]]:
+        """The tiles' :meth:`raw_outputs` (tile crop -> maps), with the image's pooling average."""
+        means = self._image_pooling_means(image)
+        return lambda crop: self._views([crop], means)[0]
 
     def _view_list(self) -> list[tuple[float, bool]]:
         """TTA views: (scale, flip) pairs."""
@@ -466,6 +477,8 @@ class Predictor:
         """Predictions for several images of any sizes, run ``batch_size`` at a time."""
         tensors = [image_to_tensor(im) for im in images]
         results: list[PanopticResult] = []
+        if self.low_memory and any(self._is_tiled(t) for t in tensors):
+            return [self._predict_in_bands(t) if self._is_tiled(t) else self.predict_batch([t])[0] for t in tensors]
         for start in range(0, len(tensors), self.batch_size):
             chunk = tensors[start : start + self.batch_size]
             for out in self.raw_outputs(chunk):
@@ -485,6 +498,24 @@ class Predictor:
             out = self.raw_outputs([image_to_tensor(frame)])[0]
             prediction = tracker.relabel(self._postprocess(out))
             yield result_from_prediction(prediction, out["center"][0], out["offset"][0], self.meta, stable_ids=True)
+
+    @torch.inference_mode()
+    def _predict_in_bands(self, image: Tensor) -> PanopticResult:
+        """A tiled image post-processed band by band (``low_memory``, :mod:`.banded`)."""
+        self.model.eval()
+        image = image.to(self.device, torch.float32)
+        assert self.tile is not None
+        run = self._tile_runner(image)
+        prediction, center, offset = postprocess_bands(
+            lambda: stitch_bands(image, self.tile, self.tile_overlap, run),  # type: ignore[arg-type]
+            image.shape[1:],
+            self.meta.thing_train_ids,
+            self.postprocess_cfg,
+            label_divisor=self.meta.label_divisor,
+            void_label=self.meta.void_label,
+            void_channel=self.model_cfg.semantic_void_channel,
+        )
+        return result_from_prediction(prediction, center, offset, self.meta)
 
     @torch.inference_mode()
     def _postprocess(self, out: dict[str, Tensor]) -> PanopticPrediction:

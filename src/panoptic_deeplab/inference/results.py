@@ -119,7 +119,7 @@ def result_from_prediction(
 ) -> PanopticResult:
     """The :class:`PanopticResult` of one post-processed image (``center`` [1, H, W], ``offset`` [2, H, W]);
     ``stable_ids``: COCO segment ids ``category_id * label_divisor + instance`` (video frames), else 1..K."""
-    label_map = prediction.label_map.cpu().numpy().astype(np.int64)
+    label_map = prediction.label_map.cpu().numpy().astype(np.int64, copy=False)
     inst = prediction.instances
     classes = inst.classes.tolist()
     instances = [
@@ -139,7 +139,7 @@ def result_from_prediction(
     ]
     return PanopticResult(
         label_map=label_map,
-        semantic=prediction.semantic.cpu().numpy().astype(np.int64),
+        semantic=prediction.semantic.cpu().numpy().astype(np.int64, copy=False),
         instances=instances,
         centers=prediction.centers.cpu().numpy(),
         center_scores=prediction.center_scores.float().cpu().numpy(),

@@ -14,12 +14,14 @@ context in each tile than in the whole image; the predictor first averages that 
 (``PanopticDeepLab.image_pooling``). That costs a second backbone pass per tile and brings the tiled result close
 to the whole-image one (README "Large images").
 
-The network's memory is bounded by the tile; the stitched maps hold (classes + 3) float32 values per image pixel.
+The network's memory is bounded by the tile. :func:`stitch_tiles` returns image-sized maps, (classes + 3) float32
+values per image pixel; :func:`stitch_bands` gives the same maps a band of rows at a time, holding one row of
+tiles' worth, for post-processing in bands (:mod:`.banded`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -72,15 +74,69 @@ def tile_layout(height: int, width: int, tile: Sequence[int], overlap: int) -> l
     return layout
 
 
-def tile_shares(height: int, width: int, tile: Sequence[int], overlap: int) -> list[tuple[Box, Tensor]]:
-    """:func:`tile_layout` with each weight divided by the sum over all tiles: every image pixel's shares add
-    up to 1, so a sum over tiles weighted by them counts each pixel once (the image-pooling average)."""
-    layout = tile_layout(height, width, tile, overlap)
-    total = torch.zeros(height, width)
-    for (top, left, bottom, right), weight in layout:
-        total[top:bottom, left:right] += weight
-    return [((top, left, bottom, right), weight / total[top:bottom, left:right])
-            for (top, left, bottom, right), weight in layout]
+def _axis_shares(length: int, tile: int, overlap: int) -> list[tuple[int, int, Tensor]]:
+    """Along one image side: each tile's (start, end) and its weights divided by the sum over the tiles there."""
+    ramps = [(start, min(start + tile, length), _ramp(min(tile, length - start), start, length, overlap))
+             for start in tile_starts(length, tile, overlap)]
+    total = torch.zeros(length)
+    for start, end, ramp in ramps:
+        total[start:end] += ramp
+    return [(start, end, ramp / total[start:end]) for start, end, ramp in ramps]
+
+
+def tile_shares(height: int, width: int, tile: Sequence[int], overlap: int) -> Iterator[tuple[Box, Tensor]]:
+    """The tiles of :func:`tile_layout` in the same order, each weight divided by the sum over all tiles: every
+    image pixel's shares add up to 1, so a sum over tiles weighted by them counts each pixel once (the stitching,
+    the image-pooling average). The weights are products of a row and a column ramp and so are their sums: the
+    shares come from the two sides' sums, without an image-sized array."""
+    tile_height, tile_width = check_tiling(tile, overlap)
+    columns = _axis_shares(width, tile_width, overlap)
+    for top, bottom, row_share in _axis_shares(height, tile_height, overlap):
+        for left, right, column_share in columns:
+            yield (top, left, bottom, right), torch.outer(row_share, column_share)
+
+
+def stitch_bands(
+    image: Tensor,
+    tile: Sequence[int],
+    overlap: int,
+    run: Callable[[Tensor], dict[str, Tensor]],
+) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """The maps of :func:`stitch_tiles`, band of rows by band of rows: yields ``(top, maps)``, ``maps`` the
+    image's rows from ``top`` on (``[1, channels, rows, W]``), as soon as every tile covering them has run; the
+    bands follow each other down the image. Only one row of tiles' maps is held ((classes + 3) float32 values
+    per pixel of a tile-high band of the image) while the network runs, as long as the caller lets go of each
+    band before asking for the next; each pixel sums its tiles in the same order as a whole-image stitching
+    would, so the values are the same."""
+    height, width = int(image.shape[1]), int(image.shape[2])
+    band_top = 0
+    sums: dict[str, Tensor] = {}
+    for (top, left, bottom, right), share in tile_shares(height, width, tile, overlap):
+        if left == 0 and sums:  # a new row of tiles: the rows above it are complete
+            yield band_top, _finished({key: value[..., : top - band_top, :] for key, value in sums.items()})
+            # The rows shared with the new row of tiles move to a band reaching its bottom before the network
+            # runs, so that the finished rows' memory is free by then.
+            sums = {key: _extended(value[..., top - band_top :, :], bottom - top) for key, value in sums.items()}
+            band_top = top
+        out = run(image[:, top:bottom, left:right])
+        parts = {"semantic": out["semantic"].softmax(dim=1), "center": out["center"], "offset": out["offset"]}
+        for key, value in parts.items():
+            if key not in sums:
+                sums[key] = torch.zeros((1, value.shape[1], bottom - band_top, width), device=image.device)
+            sums[key][..., top - band_top : bottom - band_top, left:right] += value * share.to(image.device)
+    yield band_top, _finished(sums)
+
+
+def _extended(rows: Tensor, height: int) -> Tensor:
+    """A new ``[1, C, height, W]`` band starting with a copy of ``rows``, zeros below."""
+    band = rows.new_zeros((*rows.shape[:2], height, rows.shape[-1]))
+    band[..., : rows.shape[-2], :] = rows
+    return band
+
+
+def _finished(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Blended sums as the stitched maps: semantic probabilities as their log (in place)."""
+    return {**sums, "semantic": sums["semantic"].clamp_min_(1e-12).log_()}
 
 
 def stitch_tiles(
@@ -94,13 +150,10 @@ def stitch_tiles(
     image, stitched from tiles (module doc): ``semantic`` as log blended probabilities, ``center`` and
     ``offset`` blended."""
     height, width = int(image.shape[1]), int(image.shape[2])
-    sums: dict[str, Tensor] = {}
-    for (top, left, bottom, right), share in tile_shares(height, width, tile, overlap):
-        out = run(image[:, top:bottom, left:right])
-        share = share.to(image.device)
-        parts = {"semantic": out["semantic"].softmax(dim=1), "center": out["center"], "offset": out["offset"]}
-        for key, value in parts.items():
-            if key not in sums:
-                sums[key] = torch.zeros((1, value.shape[1], height, width), device=image.device)
-            sums[key][..., top:bottom, left:right] += value * share
-    return {**sums, "semantic": sums["semantic"].clamp_min_(1e-12).log_()}
+    stitched: dict[str, Tensor] = {}
+    for top, band in stitch_bands(image, tile, overlap, run):
+        for key, value in band.items():
+            if key not in stitched:
+                stitched[key] = torch.empty((1, value.shape[1], height, width), device=image.device)
+            stitched[key][..., top : top + value.shape[-2], :] = value
+    return stitched
