@@ -1,8 +1,8 @@
 """Tiled prediction (``Predictor(tile=...)``, ``predict --tile``) against whole-image prediction.
 
-    .venv/bin/python benchmarks/bench_tiling.py [--size 2048x4096] [--tile 512x512] [--overlap 128]
+    .venv/bin/python benchmarks/bench_tiling.py [--size 2048x4096] [--tile 512x512] [--overlap 128] [--no-memory]
         [--checkpoint demo_output/run/model_0000200.pt --split data/mosaic/val --split-tile 256x512
-         --split-overlap 128]
+         --split-overlap 128 [--top-k 999]]
 
 1. Memory and time, MobileNetV3-L (``cityscapes_mnv3``) with random weights on random images of half ``--size``
    and ``--size``, each run in a fresh subprocess: peak resident memory of ``predict`` above the loaded model
@@ -16,12 +16,15 @@
    ``--split-tile``), and PQ of the tiled predictions scored against the whole-image ones (100 = identical). Make
    the split with objects at the scale the model was trained on, e.g. for the demo model (128x256 images)
    ``make-synthetic --out data/mosaic --split val --num 8 --size 128x256 --scenes 4x4`` (512x1024 images of 16
-   scenes each) with ``--split-tile 256x512``: the image is four times the tile.
+   scenes each) with ``--split-tile 256x512``: the image is four times the tile. With tiles that cover the
+   network's reach (``--size 128x256 --scenes 16x16``, 2048x4096 images, ``--split-tile 1024x2048
+   --split-overlap 256``), give ``--top-k 999``: such an image holds more objects than the default 200 centers.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -32,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from panoptic_deeplab.checkpoint import atomic_torch_save
-from panoptic_deeplab.config import SplitConfig, config_to_dict, load_config
+from panoptic_deeplab.checkpoint import atomic_torch_save, load_checkpoint
+from panoptic_deeplab.config import SplitConfig, config_from_dict, config_to_dict, load_config
 from panoptic_deeplab.data.metadata import dataset_meta
 from panoptic_deeplab.evaluation import evaluate_model, evaluate_panoptic_files
 from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
@@ -83,14 +86,17 @@ def _measure(checkpoint: Path, size: tuple[int, int], tile: tuple[int, int] | No
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _pq(checkpoint: Path, split: Path, tile: tuple[int, int], overlap: int, folder: Path) -> dict[str, float]:
+def _pq(checkpoint: Path, split: Path, tile: tuple[int, int], overlap: int, top_k: int | None,
+        folder: Path) -> dict[str, float]:
     """PQ of whole-image and tiled predictions against the split's ground truth, and of tiled against whole."""
     (gt_json,) = split.glob("*.json")
     truth = SplitConfig(images=str(split / "images"), json=str(gt_json), panoptic=str(split / "panoptic"))
     images = list_images(split / "images")
+    post = config_from_dict(load_checkpoint(checkpoint, map_location="cpu")["config"]).postprocess
+    post = post if top_k is None else dataclasses.replace(post, top_k=top_k)
     pq, sets = {}, {}
     for name, options in (("whole", {}), ("tiled", {"tile": tile, "tile_overlap": overlap})):
-        predictor = Predictor.from_checkpoint(checkpoint, device="cpu", **options)
+        predictor = Predictor.from_checkpoint(checkpoint, device="cpu", postprocess=post, **options)
         pq[f"{name} vs ground truth"] = 100 * evaluate_model(predictor, truth, progress=False).panoptic.all.pq
         json_path, png_dir = folder / f"{name}.json", folder / name
         for _ in predict_folder(predictor, images, json_path, png_dir):
@@ -109,6 +115,9 @@ def main() -> None:
     parser.add_argument("--split", type=Path, default=None)
     parser.add_argument("--split-tile", type=_size, default=(256, 512))
     parser.add_argument("--split-overlap", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=None, help="instance centers kept per image (default the "
+                        "checkpoint's, 200): a split of many scenes per image needs more")
+    parser.add_argument("--no-memory", action="store_true", help="skip part 1 (memory and time)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,25 +125,41 @@ def main() -> None:
         worker(args.worker, args.size, args.tile if "--tile" in sys.argv else None, args.overlap, args.low_memory)
         return
 
+    if not args.no_memory:
+        _memory(args.size, args.tile, args.overlap)
+    if args.checkpoint is not None:
+        if args.split is None:
+            parser.error("--checkpoint needs --split")
+        with tempfile.TemporaryDirectory() as tmp:
+            pq = _pq(args.checkpoint, args.split, args.split_tile, args.split_overlap, args.top_k, Path(tmp))
+        tile = args.split_tile
+        print(f"PQ on {args.split}, tiles {tile[0]}x{tile[1]} (overlap {args.split_overlap}): "
+              + ", ".join(f"{name} {value:.2f}" for name, value in pq.items()))
+
+
+def _memory(size: tuple[int, int], tile: tuple[int, int], overlap: int) -> None:
+    """Part 1: peak memory and time of whole, tiled and low-memory tiled prediction at half ``size`` and ``size``."""
     cfg = load_config("cityscapes_mnv3", ["model.pretrained=false"])
     torch.manual_seed(0)
     model = randomize_weights(build_model(cfg.model).eval())
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = atomic_torch_save({"model": model.state_dict(), "config": config_to_dict(cfg),
                                         "meta": dataset_meta("cityscapes").to_json()}, Path(tmp) / "model.pt")
-        height, width = args.size
+        height, width = size
         print("MobileNetV3-L, random weights, 2 threads; peak memory of predict above the loaded model")
-        print(f"tiles {args.tile[0]}x{args.tile[1]} with {args.overlap} px overlap; the result alone holds "
+        print(f"tiles {tile[0]}x{tile[1]} with {overlap} px overlap; the result alone holds "
               f"{RESULT_BYTES} bytes per pixel and the input {INPUT_BYTES}")
-        modes = {"whole": (None, False), "tiles": (args.tile, False), "tiles --low-memory": (args.tile, True)}
+        modes = {"whole": (None, False), "tiles": (tile, False), "tiles --low-memory": (tile, True)}
         sizes = ((height // 2, width // 2), (height, width))
         runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-        for size in sizes:
-            for mode, (tile, low_memory) in modes.items():
-                run = _measure(checkpoint, size, tile, args.overlap if tile else 0, low_memory)
+        for image_size in sizes:
+            for mode, (mode_tile, low_memory) in modes.items():
+                run = _measure(checkpoint, image_size, mode_tile, overlap if mode_tile else 0, low_memory)
                 runs[mode].append(run)
-                print(f"{size[0]}x{size[1]} {mode:<19} {run['seconds']:6.1f} s {run['peak_mib']:7.0f} MiB "
-                      f"(whole / this {runs['whole'][-1]['peak_mib'] / run['peak_mib']:.1f}x)", flush=True)
+                print(f"{image_size[0]}x{image_size[1]} {mode:<19} {run['seconds']:6.1f} s "
+                      f"{run['peak_mib']:7.0f} MiB (whole / this "
+                      f"{runs['whole'][-1]['peak_mib'] / run['peak_mib']:.1f}x)",
+                      flush=True)
         added_pixels = sizes[1][0] * sizes[1][1] - sizes[0][0] * sizes[0][1]
         for mode, (small, large) in runs.items():
             per_pixel = (large["peak_mib"] - small["peak_mib"]) * 2**20 / added_pixels
@@ -142,14 +167,6 @@ def main() -> None:
             print(f"{mode:<19} grows by {per_pixel:.0f} bytes per image pixel "
                   f"({per_pixel - RESULT_BYTES - INPUT_BYTES:.0f} beyond the result and the input) on top of "
                   f"{fixed:.0f} MiB")
-    if args.checkpoint is not None:
-        if args.split is None:
-            parser.error("--checkpoint needs --split")
-        with tempfile.TemporaryDirectory() as tmp:
-            pq = _pq(args.checkpoint, args.split, args.split_tile, args.split_overlap, Path(tmp))
-        tile = args.split_tile
-        print(f"PQ on {args.split}, tiles {tile[0]}x{tile[1]} (overlap {args.split_overlap}): "
-              + ", ".join(f"{name} {value:.2f}" for name, value in pq.items()))
 
 
 if __name__ == "__main__":

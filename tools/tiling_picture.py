@@ -37,7 +37,7 @@ def main() -> None:
         result = predictor.predict(image)
         panels.append(overlay_panoptic(image, result.label_map, predictor.meta, legend=False).convert("RGB"))
     draw = ImageDraw.Draw(panels[0])
-    layout = tile_layout(image.shape[0], image.shape[1], args.tile, args.overlap)
+    layout = tile_layout(image.shape[0], image.shape[1], args.tile, args.overlap, tiled.model_cfg.output_stride)
     for k, (((top, left, bottom, right), _), color) in enumerate(zip(layout, distinct_colors(len(layout)))):
         inset = 3 * (k % 3)  # outlines of overlapping tiles stay apart
         draw.rectangle((left + inset, top + inset, right - 1 - inset, bottom - 1 - inset), outline=color, width=2)

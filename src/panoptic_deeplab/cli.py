@@ -322,6 +322,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--low-memory", action="store_true",
                    help="with --tile: post-process the stitched maps band by band instead of holding them whole "
                    "(images larger than memory allows; the network runs twice per tile)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="keep the K highest instance centers per image (default the model's post-processing "
+                   "setting, 200 for most; at most 999): raise it for large images with many objects")
     p.add_argument("--sequence", action="store_true",
                    help="the images are the frames of one video, in file name order: each object keeps its "
                    "instance id and PNG segment id (category_id * 1000 + instance) over the frames (tracking)")
@@ -343,7 +346,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from panoptic_deeplab.data.coco_panoptic import load_panoptic_json
-    from panoptic_deeplab.checkpoint import CheckpointError
+    from panoptic_deeplab.checkpoint import CheckpointError, load_checkpoint
     from panoptic_deeplab.inference.predictor import Predictor, list_images, predict_folder
     from panoptic_deeplab.inference.video import is_video
     from panoptic_deeplab.inference.visualize import save_pictures
@@ -363,14 +366,16 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.tile is not None:
         options.update(tile=args.tile, tile_overlap=args.tile_overlap, low_memory=args.low_memory)
     if args.onnx:
-        from panoptic_deeplab.export import onnx_predictor
+        from panoptic_deeplab.export import onnx_predictor, read_onnx_metadata
 
         if args.categories or args.device not in ("auto", "cpu") or args.precision != "fp32":
             print("error: --onnx takes neither --categories (the file holds its categories), --device "
                   f"{args.device} (ONNX Runtime runs on the CPU here) nor --precision {args.precision} (the graph "
                   "runs as exported)", file=sys.stderr)
             return EXIT_BAD_INPUT
-        predictor = onnx_predictor(args.onnx, **options)
+        # A whole-pipeline file refuses other post-processing settings (onnx_predictor says so).
+        postprocess = _with_top_k(read_onnx_metadata(args.onnx)["config"], f"metadata of {args.onnx}", args.top_k)
+        predictor = onnx_predictor(args.onnx, postprocess=postprocess, **options)
         if (args.sequence or video) and not isinstance(predictor, Predictor):
             print(f"error: videos and --sequence need the network only: {args.onnx} holds the whole pipeline "
                   "(export with --no-postprocess)", file=sys.stderr)
@@ -378,8 +383,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     else:
         meta = load_panoptic_json(args.categories).meta if args.categories else None
         try:
-            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, meta=meta,
-                                                  precision=args.precision, **options)
+            checkpoint = load_checkpoint(args.checkpoint, map_location="cpu")
+            postprocess = _with_top_k(checkpoint.get("config"), f"config of checkpoint {args.checkpoint}", args.top_k)
+            predictor = Predictor.from_checkpoint_state(checkpoint, args.checkpoint, device=args.device, meta=meta,
+                                                        postprocess=postprocess, precision=args.precision, **options)
         except CheckpointError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -411,6 +418,18 @@ def _run_predict(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_PROBLEMS
     return EXIT_OK
+
+
+def _with_top_k(config: Any, source: str, top_k: int | None) -> Any:
+    """The post-processing settings of a saved config with ``top_k`` replaced; None (keep them) without a top_k or
+    a config (the predictor then reports what is missing)."""
+    import dataclasses
+
+    from panoptic_deeplab.config import config_from_dict
+
+    if top_k is None or not isinstance(config, dict):
+        return None
+    return dataclasses.replace(config_from_dict(config, source=source).postprocess, top_k=top_k)
 
 
 def _predict_video(predictor: Any, video: Path, out: Path, no_pictures: bool, no_progress: bool) -> int:

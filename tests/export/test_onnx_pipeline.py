@@ -175,9 +175,10 @@ def test_pipeline_file_refuses_sequences_and_videos(pipeline, tmp_path) -> None:
     assert result.stderr.strip() == (f"error: videos and --sequence need the network only: {pipeline['onnx']} holds "
                                      "the whole pipeline (export with --no-postprocess)")
     assert not (tmp_path / "out" / "predictions.json").exists()
-    tiled = _cli("predict", "--onnx", str(pipeline["onnx"]), "--input", str(pipeline["images"]), "--output",
-                 str(tmp_path / "tiled"), "--tile", "64x64", "--no-progress")
-    assert tiled.returncode == 2
-    assert tiled.stderr.strip() == (
-        f"error: {pipeline['onnx']} holds the whole pipeline (post-processing inside): test-time augmentation and "
-        "other post-processing settings need the network only; export with --no-postprocess for them")
+    for option in (["--tile", "64x64"], ["--top-k", "400"]):
+        refused = _cli("predict", "--onnx", str(pipeline["onnx"]), "--input", str(pipeline["images"]), "--output",
+                       str(tmp_path / option[0][2:]), *option, "--no-progress")
+        assert refused.returncode == 2
+        assert refused.stderr.strip() == (
+            f"error: {pipeline['onnx']} holds the whole pipeline (post-processing inside): test-time augmentation "
+            "and other post-processing settings need the network only; export with --no-postprocess for them")

@@ -626,6 +626,21 @@ def test_tile_grid_and_refusals():
     assert tile_starts(100, 100, 10) == [0] and tile_starts(60, 100, 10) == [0]
     assert tile_starts(100, 40, 10) == [0, 30, 60]
     assert tile_starts(101, 40, 10) == [0, 30, 60, 61]  # the last tile ends at the border
+    # On a network's 16-pixel grid: steps rounded down, the last tile starts on the grid and ends at the border.
+    assert tile_starts(101, 40, 10, align=16) == [0, 16, 32, 48, 64]
+    assert tile_starts(100, 40, 8, align=16) == [0, 32, 64]  # the last overlap exactly 8
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        align = int(rng.choice([1, 8, 16, 32]))
+        tile = int(rng.integers(align, 300))
+        overlap, length = int(rng.integers(0, tile - align + 1)), int(rng.integers(1, 1000))
+        starts = tile_starts(length, tile, overlap, align)
+        ends = [min(start + tile, length) for start in starts]
+        assert all(start % align == 0 for start in starts) and ends[-1] == length
+        assert all(end - following >= min(overlap, length) for end, following in zip(ends, starts[1:]))
+    with pytest.raises(ValueError, match=r"^tile overlap must be at least 0 and at most 16: the tile \(32x48\) less "
+                                         r"the network's stride \(16\), got 24"):
+        check_tiling((32, 48), 24, align=16)
     assert check_tiling((32, 48), 0) == (32, 48)
     with pytest.raises(ValueError, match=r"^tile overlap must be at least 0 and smaller than the tile \(32x48\), got 32"):
         check_tiling((32, 48), 32)
@@ -648,15 +663,15 @@ def test_tiles_stitch_to_the_whole_image_outputs():
 
     image = _scene(61, 97, DISKS)
 
-    # Disk 1 spans rows 21..39 and columns 16..34; 40x64 tiles with 24 px overlap start at rows 0, 16, 21 and
-    # columns 0, 33: it crosses tile borders both ways. The overlap covers the model's context (its offsets look
-    # 20 px around), so the disks come out whole and as in the whole image.
+    # Disk 1 spans rows 21..39 and columns 16..34; 40x64 tiles with 24 px overlap start on the model's 16-pixel
+    # grid at rows 0, 16, 32 and columns 0, 32, 48: it crosses tile borders both ways. The overlap covers the
+    # model's context (its offsets look 20 px around), so the disks come out whole and as in the whole image.
     whole = _predictor(BlobModel()).predict(image)
     tiled = _predictor(BlobModel(), tile=(40, 64), tile_overlap=24).predict(image)
     assert [(i.label, i.area) for i in tiled.instances] == [(i.label, i.area) for i in whole.instances]
     assert len(whole.instances) == 2 and float((tiled.label_map == whole.label_map).mean()) > 0.999
-    # An overlap narrower than that context splits disk 1 in two.
-    narrow = _predictor(BlobModel(), tile=(32, 48), tile_overlap=16).predict(image)
+    # Without overlap, tiles meeting at row 32 (less than the model's context from disk 1's pixels) split it in two.
+    narrow = _predictor(BlobModel(), tile=(32, 48), tile_overlap=0).predict(image)
     assert len(narrow.instances) == 3
 
 
@@ -771,7 +786,9 @@ def test_bands_of_stitched_maps_follow_the_rows_of_tiles():
     torch.testing.assert_close(shares, torch.ones(70, 50))
 
 
-def test_cli_predict_with_tiles(tmp_path, capsys):
+def test_cli_predict_with_tiles(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
     from panoptic_deeplab.checkpoint import atomic_torch_save
     from panoptic_deeplab.cli import main
     from panoptic_deeplab.config import config_to_dict
@@ -796,4 +813,38 @@ def test_cli_predict_with_tiles(tmp_path, capsys):
     assert main([*argv, "--output", str(tmp_path / "x"), "--tile-overlap", "12"]) == 2
     assert "error: --tile-overlap needs --tile" in capsys.readouterr().err
     assert main([*argv, "--output", str(tmp_path / "y"), "--tile", "40x64", "--tile-overlap", "40"]) == 2
-    assert "tile overlap must be at least 0 and smaller than the tile (40x64), got 40" in capsys.readouterr().err
+    assert ("tile overlap must be at least 0 and at most 24: the tile (40x64) less the network's stride (16), got 40"
+            in capsys.readouterr().err)
+    assert main([*argv, "--output", str(tmp_path / "k"), "--top-k", "1000"]) == 2
+    assert "error: top_k must be at least 1 and below the label divisor 1000" in capsys.readouterr().err
+    used = []
+    monkeypatch.setattr(Predictor, "_warn_if_centers_dropped", lambda self, _: used.append(self.postprocess_cfg))
+    assert main([*argv, "--output", str(tmp_path / "k1"), "--top-k", "1"]) == 0
+    assert used == [dataclasses.replace(cfg.postprocess, top_k=1)]  # the checkpoint's settings, top_k replaced
+
+
+@pytest.mark.parametrize("tiles", [{}, {"tile": (48, 64), "tile_overlap": 16, "low_memory": True}])
+def test_reaching_top_k_centers_warns_that_objects_were_merged(tiles):
+    """Large images hold more objects than top_k = 200 was chosen for: the centers past it are dropped silently by
+    the references; here the predictor says so."""
+    import dataclasses
+    import warnings
+
+    image = _scene(61, 97, DISKS)  # two cars
+    cfg = ModelConfig(num_classes=3, output_stride=16)
+    for top_k, kept in ((1, 1), (2, 2), (3, 2)):
+        predictor = Predictor(BlobModel(), (cfg, dataclasses.replace(POST, top_k=top_k)), META, device="cpu",
+                              **tiles)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = predictor.predict(image)
+        assert len(result.instances) == kept
+        messages = [str(w.message) for w in caught]
+        if top_k <= 2:
+            assert messages == [f"an image reached top_k={top_k} instance centers: any further objects were merged "
+                                "into their neighbours; raise top_k (predict --top-k, at most 999)"]
+        else:
+            assert messages == []
+    with pytest.raises(ValueError, match=r"^top_k must be at least 1 and below the label divisor 1000 \(instance "
+                       r"numbers must fit under it\), got 1000$"):
+        Predictor(BlobModel(), (cfg, dataclasses.replace(POST, top_k=1000)), META, device="cpu")

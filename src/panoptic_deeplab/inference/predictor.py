@@ -181,8 +181,8 @@ class Predictor:
     TF32 convolutions, ``"bf16"`` the network with its batch norms folded into the convolutions, under bfloat16
     autocast.
     ``tile`` (height, width): an image larger than it runs on overlapping tiles (``tile_overlap`` pixels, default
-    a quarter of the tile's smaller side) whose outputs are stitched before one post-processing
-    (:mod:`.tiling`); TTA applies to each tile. ``low_memory`` (with ``tile``): :meth:`predict` and
+    a quarter of the tile's smaller side; tiles start at multiples of the output stride) whose outputs are
+    stitched before one post-processing (:mod:`.tiling`); TTA applies to each tile. ``low_memory`` (with ``tile``): :meth:`predict` and
     :meth:`predict_batch` post-process the stitched maps band by band and never hold them whole (:mod:`.banded`);
     the network runs twice per tile.
     """
@@ -220,12 +220,15 @@ class Predictor:
         if precision != "fp32" and not any(isinstance(p, Tensor) for p in model.parameters()):
             raise ValueError(f"precision {precision} needs a PyTorch model; this network has no "
                              "PyTorch weights (an exported graph runs at the precision it was exported with)")
+        if not 0 < post_cfg.top_k < meta.label_divisor:
+            raise ValueError(f"top_k must be at least 1 and below the label divisor {meta.label_divisor} (instance "
+                             f"numbers must fit under it), got {post_cfg.top_k}")
         self.precision = precision
         self.tile: tuple[int, int] | None = None
         self.tile_overlap = 0
         if tile is not None:
             self.tile_overlap = min(int(t) for t in tile) // 4 if tile_overlap is None else int(tile_overlap)
-            self.tile = check_tiling(tile, self.tile_overlap)
+            self.tile = check_tiling(tile, self.tile_overlap, model_cfg.output_stride)
         if low_memory and tile is None:
             raise ValueError("low_memory post-processes tiled predictions in bands: it needs a tile size")
         self.low_memory = bool(low_memory)
@@ -389,8 +392,8 @@ class Predictor:
         images = [im.to(self.device, torch.float32) for im in images]
         if not any(self._is_tiled(im) for im in images):
             return self._views(images)
-        return [stitch_tiles(image, self.tile, self.tile_overlap, self._tile_runner(image))  # type: ignore[arg-type]
-                for image in images]
+        return [stitch_tiles(image, self.tile, self.tile_overlap, self._tile_runner(image),  # type: ignore[arg-type]
+                             align=self.model_cfg.output_stride) for image in images]
 
     def _is_tiled(self, image: Tensor) -> bool:
         return self.tile is not None and (image.shape[1] > self.tile[0] or image.shape[2] > self.tile[1])
@@ -414,7 +417,8 @@ class Predictor:
         views = self._view_list()
         sums: list[Tensor | float] = [0.0] * len(views)
         weights = [0.0] * len(views)
-        for (top, left, bottom, right), share in tile_shares(*image.shape[1:], self.tile, self.tile_overlap):
+        tiles = tile_shares(*image.shape[1:], self.tile, self.tile_overlap, align=self.model_cfg.output_stride)
+        for (top, left, bottom, right), share in tiles:
             crop = image[:, top:bottom, left:right]
             for v, (scale, flip) in enumerate(views):
                 view = self._scaled(crop, scale)
@@ -507,7 +511,8 @@ class Predictor:
         assert self.tile is not None
         run = self._tile_runner(image)
         prediction, center, offset = postprocess_bands(
-            lambda: stitch_bands(image, self.tile, self.tile_overlap, run),  # type: ignore[arg-type]
+            lambda: stitch_bands(image, self.tile, self.tile_overlap, run,  # type: ignore[arg-type]
+                                 align=self.model_cfg.output_stride),
             image.shape[1:],
             self.meta.thing_train_ids,
             self.postprocess_cfg,
@@ -515,11 +520,12 @@ class Predictor:
             void_label=self.meta.void_label,
             void_channel=self.model_cfg.semantic_void_channel,
         )
+        self._warn_if_centers_dropped(prediction)
         return result_from_prediction(prediction, center, offset, self.meta)
 
     @torch.inference_mode()
     def _postprocess(self, out: dict[str, Tensor]) -> PanopticPrediction:
-        return panoptic_postprocess(
+        prediction = panoptic_postprocess(
             out["semantic"],
             out["center"],
             out["offset"],
@@ -529,6 +535,18 @@ class Predictor:
             void_label=self.meta.void_label,
             void_channel=self.model_cfg.semantic_void_channel,
         )[0]
+        self._warn_if_centers_dropped(prediction)
+        return prediction
+
+    def _warn_if_centers_dropped(self, prediction: PanopticPrediction) -> None:
+        # Large images hold more objects than the references' top_k (200) was chosen for: the centers past it are
+        # dropped and their pixels join a neighbour's instance, which silently merges objects.
+        top_k = self.postprocess_cfg.top_k
+        if prediction.centers.shape[0] >= top_k:
+            warnings.warn(
+                f"an image reached top_k={top_k} instance centers: any further objects were merged into their "
+                f"neighbours; raise top_k (predict --top-k, at most {self.meta.label_divisor - 1})", stacklevel=3
+            )
 
 
 Key = TypeVar("Key")
