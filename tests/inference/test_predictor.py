@@ -685,12 +685,12 @@ class GlobalContextModel(PointwiseModel):
         super().__init__()
         self.image_mean: torch.Tensor | None = None
 
-    def pooling_features(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.pixel_mean) / self.pixel_std
+    def global_average_inputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [(images - self.pixel_mean) / self.pixel_std]
 
     @contextlib.contextmanager
-    def image_pooling(self, mean: torch.Tensor):
-        self.image_mean = mean
+    def image_averages(self, means: list[torch.Tensor]):
+        (self.image_mean,) = means
         try:
             yield
         finally:
@@ -698,7 +698,7 @@ class GlobalContextModel(PointwiseModel):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = super().forward(images)
-        features = self.pooling_features(images)
+        (features,) = self.global_average_inputs(images)
         mean = features.mean(dim=(2, 3), keepdim=True) if self.image_mean is None else self.image_mean
         return {**outputs, "semantic": outputs["semantic"] + 10.0 * mean[:, [2, 0, 1]]}
 
@@ -717,11 +717,12 @@ def test_tiles_of_a_globally_pooling_network_see_the_whole_images_average():
     assert (alone["semantic"].exp() - expected).abs().max() > 0.1
 
     tta = _predictor(GlobalContextModel(), tile=(24, 40), tile_overlap=8, tta_flip=True, tta_scales=(0.5, 1.0))
-    means = tta._image_pooling_means(image)
+    means = tta._image_averages(image)
     half = F.interpolate(image[None], size=(33, 49), mode="bilinear", align_corners=True)  # 0.5x, also valid
-    for view, (scale, flip) in zip(means, tta._view_list()):
+    for (view,), (scale, flip) in zip(means, tta._view_list()):
         seen = half if scale == 0.5 else image[None]
-        expected_mean = tta.model.pooling_features(seen.flip(-1) if flip else seen).mean(dim=(2, 3), keepdim=True)
+        (features,) = tta.model.global_average_inputs(seen.flip(-1) if flip else seen)
+        expected_mean = features.mean(dim=(2, 3), keepdim=True)
         # Tiles are resized one by one: their borders interpolate differently from the whole image's.
         torch.testing.assert_close(view, expected_mean, rtol=0, atol=5e-2 if scale == 0.5 else 1e-5)
 

@@ -104,22 +104,38 @@ def test_eval_is_deterministic(tiny_config) -> None:
         assert torch.equal(first[key], second[key]), key
 
 
-def test_image_pooling_with_the_inputs_own_mean_changes_nothing(tiny_config) -> None:
+def test_image_averages_with_the_inputs_own_means_change_nothing(tiny_config) -> None:
+    """What tiles use to see the whole image's context: every whole-input average of the network (MobileNetV3's
+    squeeze-excite blocks, then the ASPP's image pooling) can be replaced, and each replacement matters."""
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
     model = randomize_weights(build_model(tiny_config())).eval()
-    assert model.pools_globally and not build_model(tiny_config(aspp_pool_kernel=(2, 2))).pools_globally
+    blocks = sum(isinstance(m, SqueezeExcite) for m in model.modules())
+    assert blocks == 8 and model.pools_globally
+    resnet = build_model(tiny_config(backbone="resnet50", aspp_pool_kernel=(2, 2)))
+    assert not resnet.pools_globally and resnet.global_average_inputs(torch.rand(1, 3, 33, 33)) == []
     images = torch.rand(1, 3, 65, 97)
     with torch.no_grad():
         plain = model(images)
-        mean = model.pooling_features(images).mean(dim=(2, 3), keepdim=True)
-        with model.image_pooling(mean):
+        maps = model.global_average_inputs(images)
+        assert len(maps) == blocks + 1 and maps[-1].shape[1] == 960  # the backbone's last features
+        means = [m.mean(dim=(2, 3), keepdim=True) for m in maps]
+        with model.image_averages(means):
             same = model(images)
-        with model.image_pooling(mean + 1.0):
-            other = model(images)
+        shifted = []
+        for k in (0, blocks):  # the first squeeze-excite block; the image-pooling branches
+            with model.image_averages([m + 1.0 if j == k else m for j, m in enumerate(means)]):
+                shifted.append(model(images))
         after = model(images)  # the context ends with the block
     for key in plain:
         torch.testing.assert_close(same[key], plain[key], rtol=1e-5, atol=1e-5)
         assert torch.equal(after[key], plain[key]), key
-    assert not torch.allclose(other["semantic"], plain["semantic"], rtol=1e-3, atol=0)
+    for other in shifted:
+        assert not torch.allclose(other["semantic"], plain["semantic"], rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match=r"^expected 9 averages \(one per squeeze-excite block, then one for the "
+                       r"image-pooling branches\), got 1$"):
+        with model.image_averages(means[-1:]):
+            pass
 
 
 @pytest.mark.parametrize(

@@ -180,11 +180,11 @@ class Predictor:
     ``precision`` is one of :data:`PRECISIONS`: ``"fp32"`` exact float32 (also on CUDA), ``"tf32"`` CUDA's
     TF32 convolutions, ``"bf16"`` the network with its batch norms folded into the convolutions, under bfloat16
     autocast.
-    ``tile`` (height, width): an image larger than it runs on overlapping tiles (``tile_overlap`` pixels, default
-    a quarter of the tile's smaller side; tiles start at multiples of the output stride) whose outputs are
-    stitched before one post-processing (:mod:`.tiling`); TTA applies to each tile. ``low_memory`` (with ``tile``): :meth:`predict` and
-    :meth:`predict_batch` post-process the stitched maps band by band and never hold them whole (:mod:`.banded`);
-    the network runs twice per tile.
+    ``tile`` (height, width): an image larger than it runs on overlapping tiles (``tile_overlap`` pixels, default a
+    quarter of the tile's smaller side; tiles start at multiples of the output stride) whose outputs are stitched
+    before one post-processing (:mod:`.tiling`); TTA applies to each tile. ``low_memory`` (with ``tile``):
+    :meth:`predict` and :meth:`predict_batch` post-process the stitched maps band by band and never hold them whole
+    (:mod:`.banded`); the network runs twice per tile.
     """
 
     def __init__(
@@ -354,12 +354,13 @@ class Predictor:
         batch = torch.stack([pad_to_size(im, size, self._pad_fill) for im in images])
         return batch.contiguous(memory_format=_memory_format(self.model))
 
-    def _forward_padded(self, images: Sequence[Tensor], image_mean: Tensor | None = None) -> list[dict[str, Tensor]]:
-        """Run the model once on :meth:`_pad_batch` of the images (with the image-pooling average ``image_mean``
-        when given); outputs cropped back to each image."""
+    def _forward_padded(self, images: Sequence[Tensor], image_means: list[Tensor] | None = None
+                        ) -> list[dict[str, Tensor]]:
+        """Run the model once on :meth:`_pad_batch` of the images (with the whole image's averages ``image_means``
+        when given: :meth:`_image_averages`); outputs cropped back to each image."""
         batch = self._pad_batch(images)
-        pooling = self.model.image_pooling(image_mean) if image_mean is not None else nullcontext()
-        with self._arithmetic(), pooling:
+        averages = self.model.image_averages(image_means) if image_means is not None else nullcontext()
+        with self._arithmetic(), averages:
             outputs = self.model(batch)
         # Offsets are in input pixels and padding is at the bottom/right: cropping needs no rescale.
         keys = ("semantic", "center", "offset")
@@ -399,24 +400,26 @@ class Predictor:
         return self.tile is not None and (image.shape[1] > self.tile[0] or image.shape[2] > self.tile[1])
 
     def _tile_runner(self, image: Tensor) -> Callable[[Tensor], dict[str, Tensor]]:
-        """The tiles' :meth:`raw_outputs` (tile crop -> maps), with the image's pooling average."""
-        means = self._image_pooling_means(image)
-        return lambda crop: self._views([crop], means)[0]
+        """The tiles' :meth:`raw_outputs` (tile crop -> maps), with the image's averages."""
+        averages = self._image_averages(image)
+        return lambda crop: self._views([crop], averages)[0]
 
     def _view_list(self) -> list[tuple[float, bool]]:
         """TTA views: (scale, flip) pairs."""
         return [(s, f) for s in self.tta_scales for f in ((False, True) if self.tta_flip else (False,))]
 
-    def _image_pooling_means(self, image: Tensor) -> list[Tensor] | None:
-        """For a tiled image and a network with global image pooling: per TTA view, the average over the whole
-        image of what that pooling averages, gathered tile by tile (each pixel weighted once by its
-        :func:`.tiling.tile_shares`); None for networks without global pooling and for exported graphs."""
-        if not getattr(self.model, "pools_globally", False):  # an exported graph pools as it was exported
+    def _image_averages(self, image: Tensor) -> list[list[Tensor]] | None:
+        """For a tiled image and a network that averages over its whole input (image pooling, squeeze-excite): per
+        TTA view, the averages over the whole image of the maps it averages (``global_average_inputs``), gathered
+        tile by tile, each pixel weighted once by its :func:`.tiling.tile_shares`; None for networks without such
+        averages and for exported graphs. One backbone pass per tile, in which each squeeze-excite block still
+        sees the tile's own averages upstream: the whole image's are then nearly, not exactly, reproduced."""
+        if not getattr(self.model, "pools_globally", False):  # an exported graph averages as it was exported
             return None
         assert self.tile is not None
         views = self._view_list()
-        sums: list[Tensor | float] = [0.0] * len(views)
-        weights = [0.0] * len(views)
+        sums: list[list[Tensor]] = [[] for _ in views]
+        weights: list[list[float]] = [[] for _ in views]
         tiles = tile_shares(*image.shape[1:], self.tile, self.tile_overlap, align=self.model_cfg.output_stride)
         for (top, left, bottom, right), share in tiles:
             crop = image[:, top:bottom, left:right]
@@ -428,17 +431,20 @@ class Predictor:
                     view, view_share = view.flip(-1), view_share.flip(-1)
                 batch = self._pad_batch([view])
                 with self._arithmetic():
-                    features = self.model.pooling_features(batch).float()
+                    maps = self.model.global_average_inputs(batch)
                 # The share of each feature cell: the shares of the input pixels it covers (padding has none).
                 padding = (0, batch.shape[-1] - view.shape[-1], 0, batch.shape[-2] - view.shape[-2])
-                cell_share = F.adaptive_avg_pool2d(F.pad(view_share, padding), features.shape[-2:])
-                sums[v] = sums[v] + (features * cell_share).sum(dim=(2, 3), keepdim=True)
-                weights[v] += float(cell_share.sum())
-        return [total / weight for total, weight in zip(sums, weights)]  # type: ignore[misc]
+                cell_shares = [F.adaptive_avg_pool2d(F.pad(view_share, padding), m.shape[-2:]) for m in maps]
+                totals = [(m.float() * c).sum(dim=(2, 3), keepdim=True) for m, c in zip(maps, cell_shares)]
+                cell_weights = [float(c.sum()) for c in cell_shares]
+                sums[v] = [a + b for a, b in zip(sums[v], totals)] if sums[v] else totals
+                weights[v] = [a + b for a, b in zip(weights[v], cell_weights)] if weights[v] else cell_weights
+        return [[total / weight for total, weight in zip(view_sums, view_weights)]
+                for view_sums, view_weights in zip(sums, weights)]
 
-    def _views(self, images: list[Tensor], image_means: list[Tensor] | None = None) -> list[dict[str, Tensor]]:
+    def _views(self, images: list[Tensor], image_means: list[list[Tensor]] | None = None) -> list[dict[str, Tensor]]:
         """:meth:`raw_outputs` of whole images (on the device); ``image_means`` per view: see
-        :meth:`_image_pooling_means`."""
+        :meth:`_image_averages`."""
         views = self._view_list()
         single = views == [(1.0, False)]
         sums: list[dict[str, Tensor]] = []

@@ -1,20 +1,21 @@
 """Images larger than the network should see at once: run it on overlapping tiles and stitch its outputs.
 
-The tiles cover the image in a grid with at least ``overlap`` pixels shared between neighbours (the last tile of
-a row or column ends at the border). Tiles start at multiples of ``align``, the network's output stride: a strided
-network samples a tile on the same grid as the whole image only when the tile starts on that grid (a tile grid
-off by one pixel costs PQ 96.5 -> 82 against the whole image on the synthetic set, README "Large images"). Each tile's outputs are blended into image-sized maps with weights that fall
-linearly towards the tile's inner edges over the overlap (a tile's border pixels saw least context), and stay 1 at
-the image border: semantic probabilities (returned as their log, which post-processing reads as it reads the
-log-probabilities of test-time augmentation), the center heatmap and the offsets. Offsets need no conversion: a
-(dy, dx) vector from a pixel to its instance center is the same in tile and image coordinates. One post-processing
-of the stitched maps then groups every instance once, also those that cross tile borders.
+The tiles cover the image in a grid with at least ``overlap`` pixels shared between neighbours (the last tile of a
+row or column ends at the border). Tiles start at multiples of ``align``, the network's output stride: a strided
+network samples a tile on the same grid as the whole image only when the tile starts on that grid (a tile grid off
+by one pixel costs PQ 96.5 -> 82 against the whole image on the synthetic set, README "Large images"). Each tile's
+outputs are blended into image-sized maps with weights that fall linearly towards the tile's inner edges over the
+overlap (a tile's border pixels saw least context), and stay 1 at the image border: semantic probabilities (returned
+as their log, which post-processing reads as it reads the log-probabilities of test-time augmentation), the center
+heatmap and the offsets. Offsets need no conversion: a (dy, dx) vector from a pixel to its instance center is the
+same in tile and image coordinates. One post-processing of the stitched maps then groups every instance once, also
+those that cross tile borders.
 
-A network whose ASPP pools globally (the image-pooling branch averages its whole input) would see a different
-context in each tile than in the whole image; the predictor first averages that branch's input over all tiles
-(weighted by :func:`tile_shares`, so each pixel counts once) and runs every tile with the image's average
-(``PanopticDeepLab.image_pooling``). That costs a second backbone pass per tile and brings the tiled result close
-to the whole-image one (README "Large images").
+A network that averages over its whole input (the ASPP's image-pooling branch, MobileNetV3's squeeze-excite
+blocks) would see a different context in each tile than in the whole image; the predictor first averages what
+those layers average over all tiles (weighted by :func:`tile_shares`, so each pixel counts once) and runs every
+tile with the image's averages (``PanopticDeepLab.image_averages``). That costs a second backbone pass per tile
+and brings the tiled result close to the whole-image one (README "Large images").
 
 The network's memory is bounded by the tile. :func:`stitch_tiles` returns image-sized maps, (classes + 3) float32
 values per image pixel; :func:`stitch_bands` gives the same maps a band of rows at a time, holding one row of

@@ -35,7 +35,7 @@ class ASPPPooling(nn.Module):
 
     ``image_mean`` ([1, C, 1, 1], normally None): when set, a global branch uses it instead of its input's
     average, so that tiles of a large image see the whole image's context
-    (:meth:`~panoptic_deeplab.modeling.PanopticDeepLab.image_pooling`).
+    (:meth:`~panoptic_deeplab.modeling.PanopticDeepLab.image_averages`).
     """
 
     def __init__(

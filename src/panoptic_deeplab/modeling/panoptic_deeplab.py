@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
 from ..config import ModelConfig
@@ -20,6 +21,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INIT_MODES = ("normal", "he")
 MAX_CLASSES = 255  # class 255 is IGNORE_LABEL (docs/ARCHITECTURE.md)
+
+
+def _input_replaced_by(mean: torch.Tensor) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor]]:
+    """A forward pre-hook giving its module ``mean`` (``[1, C, 1, 1]``) for each image of the batch."""
+    return lambda _, args: (mean.to(args[0].dtype).expand(args[0].shape[0], -1, -1, -1),)
 
 
 class PanopticDeepLab(nn.Module):
@@ -113,26 +119,49 @@ class PanopticDeepLab(nn.Module):
     def _global_pooling_branches(self) -> list[ASPPPooling]:
         return [m for m in self.modules() if isinstance(m, ASPPPooling) and m.kernel is None]
 
+    def _squeeze_excites(self) -> list[SqueezeExcite]:
+        return [m for m in self.backbone.modules() if isinstance(m, SqueezeExcite)]
+
     @property
     def pools_globally(self) -> bool:
-        """Whether an ASPP image-pooling branch averages over the whole input (``aspp_pool_kernel`` None)."""
-        return bool(self._global_pooling_branches())
+        """Whether the network averages over its whole input anywhere: an ASPP image-pooling branch
+        (``aspp_pool_kernel`` None) or a squeeze-excite block of the backbone (MobileNetV3's)."""
+        return bool(self._global_pooling_branches() or self._squeeze_excites())
 
-    def pooling_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The map that both ASPPs' image-pooling branches average: the backbone's last features of ``images``."""
-        return self.backbone(self.normalize(images))[LAST_KEY]
+    def global_average_inputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The maps the network averages over its whole input when it sees ``images``: each squeeze-excite block's
+        input, in the backbone's order, then (with a global image-pooling branch) the backbone's last features,
+        which both ASPPs' image-pooling branches average. Runs the backbone only."""
+        inputs: list[torch.Tensor] = []
+        hooks = [block.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+                 for block in self._squeeze_excites()]
+        try:
+            last = self.backbone(self.normalize(images))[LAST_KEY]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return inputs + [last] if self._global_pooling_branches() else inputs
 
     @contextmanager
-    def image_pooling(self, mean: torch.Tensor) -> Iterator[None]:
-        """Within the block, global image-pooling branches use ``mean`` ([1, C, 1, 1]: :meth:`pooling_features`
-        averaged over a whole image) instead of averaging their input: a tile then sees the image's context
-        (inference/tiling.py)."""
-        branches = self._global_pooling_branches()
+    def image_averages(self, means: list[torch.Tensor]) -> Iterator[None]:
+        """Within the block the network uses ``means`` (one ``[1, C, 1, 1]`` per map of
+        :meth:`global_average_inputs`, in its order, each averaged over a whole image) instead of averaging its
+        own input: a tile then sees the image's context (inference/tiling.py)."""
+        blocks, branches = self._squeeze_excites(), self._global_pooling_branches()
+        if len(means) != len(blocks) + bool(branches):
+            raise ValueError(f"expected {len(blocks) + bool(branches)} averages (one per squeeze-excite block, then "
+                             f"one for the image-pooling branches), got {len(means)}")
+        # timm's SqueezeExcite.forward (models/_efficientnet_blocks.py) averages its input and hands the average to
+        # conv_reduce: replacing conv_reduce's input replaces the average.
+        hooks = [block.conv_reduce.register_forward_pre_hook(_input_replaced_by(mean))
+                 for block, mean in zip(blocks, means)]
         for branch in branches:
-            branch.image_mean = mean
+            branch.image_mean = means[-1]
         try:
             yield
         finally:
+            for hook in hooks:
+                hook.remove()
             for branch in branches:
                 branch.image_mean = None
 
