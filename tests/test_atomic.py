@@ -4,12 +4,15 @@ the file. Checkpoints under a real file size limit: tests/engine/test_trainer.py
 from __future__ import annotations
 
 import errno
+import os
+import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from panoptic_deeplab.atomic import WriteError, write_atomic, write_text_atomic
+from panoptic_deeplab.atomic import WriteError, move_into_place, write_atomic, write_text_atomic
 from panoptic_deeplab.data.coco_panoptic import write_panoptic_png
 
 
@@ -38,3 +41,21 @@ def test_failed_write_keeps_the_previous_file_and_names_it(tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == [path]
     with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'report.json' / 'x.png'} "):
         write_panoptic_png(path / "x.png", torch.zeros(2, 2, dtype=torch.int32).numpy())  # a file as folder
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_written_files_get_the_permissions_open_would_give(tmp_path: Path) -> None:
+    """A temporary file is created 0o600; the written file has what ``open`` would leave: 0o666 less the umask
+    for a new file (readable by the group on a shared machine), the old file's mode when it replaces one."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    fresh = write_text_atomic(tmp_path / "predictions.json", "{}")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask != 0o600
+    fresh.chmod(0o640)
+    write_text_atomic(fresh, "[]")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
+    video = tmp_path / "frames_overlay.mp4"  # videos and downloads are written by their libraries, then moved
+    handle, tmp = tempfile.mkstemp(dir=tmp_path)
+    os.close(handle)
+    move_into_place(tmp, video)
+    assert stat.S_IMODE(video.stat().st_mode) == 0o666 & ~umask

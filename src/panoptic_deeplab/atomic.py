@@ -8,9 +8,36 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+
+def _process_umask() -> int:
+    # Read by setting it: done once, at import, before any thread of ours could create files in between.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions ``open(path, "wb")`` would leave: the existing file's, else 0o666 less the umask.
+    (mkstemp creates 0o600 files: outputs on a shared machine would be unreadable to the group.)"""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
+def move_into_place(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """``os.replace(tmp, path)`` for a temporary file made by ``tempfile.mkstemp`` beside ``path``, with the
+    permissions ``open(path, "wb")`` would have left rather than mkstemp's 0o600."""
+    os.chmod(tmp, _mode_for(Path(path)))
+    os.replace(tmp, path)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -52,7 +79,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        move_into_place(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from panoptic_deeplab.atomic import move_into_place
 from panoptic_deeplab.checkpoint import load_tensors_only
 from panoptic_deeplab.modeling.backbone import summarize_names
 
@@ -284,7 +285,7 @@ def fetch(
             size = os.path.getsize(tmp)
             if total is not None and size != total:
                 raise ConversionError(f"download of {url_or_path} stopped after {size} of {total} bytes")
-            os.replace(tmp, target)
+            move_into_place(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from panoptic_deeplab.atomic import move_into_place
 from panoptic_deeplab.data.coco_panoptic import DatasetError, Problem
 from panoptic_deeplab.inference.predictor import predict_keyed_sequence
 from panoptic_deeplab.inference.results import PanopticPredictionWriter, PanopticResult
@@ -102,7 +103,7 @@ class VideoWriter:
             for packet in self._stream.encode():
                 self._container.mux(packet)
         self._container.close()
-        os.replace(self._tmp, self.path)
+        move_into_place(self._tmp, self.path)
 
     def discard(self) -> None:
         self._container.close()
