@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_tiling.py [--size 2048x4096] [--tile 512x512] [--overlap 128] [--no-memory]
         [--checkpoint demo_output/run/model_0000200.pt --split data/mosaic/val --split-tile 256x512
-         --split-overlap 128 [--top-k 999]]
+         --split-overlap 128 [--top-k 999] [--tile-context-passes 2]]
 
 1. Memory and time, MobileNetV3-L (``cityscapes_mnv3``) with random weights on random images of half ``--size``
    and ``--size``, each run in a fresh subprocess: peak resident memory of ``predict`` above the loaded model
@@ -86,7 +86,7 @@ def _measure(checkpoint: Path, size: tuple[int, int], tile: tuple[int, int] | No
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _pq(checkpoint: Path, split: Path, tile: tuple[int, int], overlap: int, top_k: int | None,
+def _pq(checkpoint: Path, split: Path, tile: tuple[int, int], overlap: int, top_k: int | None, passes: int,
         folder: Path) -> dict[str, float]:
     """PQ of whole-image and tiled predictions against the split's ground truth, and of tiled against whole."""
     (gt_json,) = split.glob("*.json")
@@ -95,7 +95,8 @@ def _pq(checkpoint: Path, split: Path, tile: tuple[int, int], overlap: int, top_
     post = config_from_dict(load_checkpoint(checkpoint, map_location="cpu")["config"]).postprocess
     post = post if top_k is None else dataclasses.replace(post, top_k=top_k)
     pq, sets = {}, {}
-    for name, options in (("whole", {}), ("tiled", {"tile": tile, "tile_overlap": overlap})):
+    tiled = {"tile": tile, "tile_overlap": overlap, "tile_context_passes": passes}
+    for name, options in (("whole", {}), ("tiled", tiled)):
         predictor = Predictor.from_checkpoint(checkpoint, device="cpu", postprocess=post, **options)
         pq[f"{name} vs ground truth"] = 100 * evaluate_model(predictor, truth, progress=False).panoptic.all.pq
         json_path, png_dir = folder / f"{name}.json", folder / name
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--split-overlap", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=None, help="instance centers kept per image (default the "
                         "checkpoint's, 200): a split of many scenes per image needs more")
+    parser.add_argument("--tile-context-passes", type=int, default=1, help="backbone passes gathering the image's "
+                        "averages (Predictor(tile_context_passes=...), default 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip part 1 (memory and time)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
@@ -131,9 +134,11 @@ def main() -> None:
         if args.split is None:
             parser.error("--checkpoint needs --split")
         with tempfile.TemporaryDirectory() as tmp:
-            pq = _pq(args.checkpoint, args.split, args.split_tile, args.split_overlap, args.top_k, Path(tmp))
+            pq = _pq(args.checkpoint, args.split, args.split_tile, args.split_overlap, args.top_k,
+                     args.tile_context_passes, Path(tmp))
         tile = args.split_tile
-        print(f"PQ on {args.split}, tiles {tile[0]}x{tile[1]} (overlap {args.split_overlap}): "
+        print(f"PQ on {args.split}, tiles {tile[0]}x{tile[1]} (overlap {args.split_overlap}, "
+              f"{args.tile_context_passes} context pass(es)): "
               + ", ".join(f"{name} {value:.2f}" for name, value in pq.items()))
 
 

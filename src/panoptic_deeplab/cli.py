@@ -319,6 +319,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    "(large images: the network's memory follows the tile)")
     p.add_argument("--tile-overlap", type=int, default=None, metavar="P",
                    help="pixels shared by neighbouring tiles (default a quarter of the tile's smaller side)")
+    p.add_argument("--tile-context-passes", type=int, default=None, metavar="N",
+                   help="with --tile: backbone passes over the tiles that gather the whole image's averages for the "
+                   "layers that average their input (image pooling, squeeze-excite); 2 brings the tiled result "
+                   "closer to the whole image's for one more backbone run per tile (default 1)")
     p.add_argument("--low-memory", action="store_true",
                    help="with --tile: post-process the stitched maps band by band instead of holding them whole "
                    "(images larger than memory allows; the network runs twice per tile)")
@@ -357,14 +361,16 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--input {args.input}: no such video file")
     paths = [] if video else list_images(args.input)
     options = dict(tta_flip=args.tta_flip, tta_scales=args.tta_scales, batch_size=args.batch_size)
-    if args.tile_overlap is not None and args.tile is None:
-        raise ValueError("--tile-overlap needs --tile")
-    if args.low_memory and args.tile is None:
-        raise ValueError("--low-memory needs --tile")
+    tile_options = {"--tile-overlap": args.tile_overlap is not None, "--low-memory": args.low_memory,
+                    "--tile-context-passes": args.tile_context_passes is not None}
+    for option, given in tile_options.items():
+        if given and args.tile is None:
+            raise ValueError(f"{option} needs --tile")
     if args.low_memory and (args.sequence or video):
         raise ValueError("--low-memory applies to single images: videos and --sequence hold each frame's maps whole")
     if args.tile is not None:
-        options.update(tile=args.tile, tile_overlap=args.tile_overlap, low_memory=args.low_memory)
+        options.update(tile=args.tile, tile_overlap=args.tile_overlap, low_memory=args.low_memory,
+                       tile_context_passes=1 if args.tile_context_passes is None else args.tile_context_passes)
     if args.onnx:
         from panoptic_deeplab.export import onnx_predictor, read_onnx_metadata
 

@@ -727,6 +727,31 @@ def test_tiles_of_a_globally_pooling_network_see_the_whole_images_average():
         torch.testing.assert_close(view, expected_mean, rtol=0, atol=5e-2 if scale == 0.5 else 1e-5)
 
 
+def test_further_context_passes_refine_the_squeeze_excite_averages_block_by_block():
+    """MobileNetV3's squeeze-excite blocks average their input: in the first pass over the tiles each block still sees
+    the tiles' own averages upstream. Each further pass runs with the previous pass's averages, which fixes one more
+    block's upstream: the first block's average never changes, the second's is settled from pass 2 on and closer to
+    the whole image's."""
+    from panoptic_deeplab.modeling import build_model
+    from panoptic_deeplab.modeling.random_weights import randomize_weights
+
+    cfg = _tiny_config()
+    model = randomize_weights(build_model(cfg.model)).eval()
+    torch.manual_seed(0)
+    image = torch.rand(3, 129, 161)
+    image[:, :64] *= 0.3  # tiles of the darker top see other averages than the image's
+    with torch.no_grad():
+        whole = [m.mean(dim=(2, 3), keepdim=True) for m in model.global_average_inputs(image[None])]
+        passes = [Predictor(model, (cfg.model, POST), META, device="cpu", tile=(64, 96), tile_overlap=32,
+                            tile_context_passes=n)._image_averages(image)[0] for n in (1, 2, 3)]
+    assert len(whole) == 9 and all(len(averages) == 9 for averages in passes)
+    assert torch.equal(passes[0][0], passes[1][0]) and torch.equal(passes[1][0], passes[2][0])
+    assert torch.equal(passes[1][1], passes[2][1]) and not torch.equal(passes[0][1], passes[1][1])
+    assert (passes[1][1] - whole[1]).abs().mean() < 0.7 * (passes[0][1] - whole[1]).abs().mean()
+    with pytest.raises(ValueError, match=r"^tile_context_passes must be a whole number of at least 1, got 0$"):
+        Predictor(model, (cfg.model, POST), META, device="cpu", tile=(64, 96), tile_context_passes=0)
+
+
 def _same_results(actual, expected) -> None:
     np.testing.assert_array_equal(actual.label_map, expected.label_map)
     np.testing.assert_array_equal(actual.semantic, expected.semantic)
@@ -813,6 +838,11 @@ def test_cli_predict_with_tiles(tmp_path, capsys, monkeypatch):
     assert "error: --low-memory needs --tile" in capsys.readouterr().err
     assert main([*argv, "--output", str(tmp_path / "x"), "--tile-overlap", "12"]) == 2
     assert "error: --tile-overlap needs --tile" in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "p"), "--tile-context-passes", "2"]) == 2
+    assert "error: --tile-context-passes needs --tile" in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "two"), "--tile", "40x64", "--tile-overlap", "12",
+                 "--tile-context-passes", "2"]) == 0
+    assert read_panoptic_png(tmp_path / "two" / "panoptic" / "scene.png").shape == (61, 97)
     assert main([*argv, "--output", str(tmp_path / "y"), "--tile", "40x64", "--tile-overlap", "40"]) == 2
     assert ("tile overlap must be at least 0 and at most 24: the tile (40x64) less the network's stride (16), got 40"
             in capsys.readouterr().err)

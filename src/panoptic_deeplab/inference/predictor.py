@@ -184,7 +184,9 @@ class Predictor:
     quarter of the tile's smaller side; tiles start at multiples of the output stride) whose outputs are stitched
     before one post-processing (:mod:`.tiling`); TTA applies to each tile. ``low_memory`` (with ``tile``):
     :meth:`predict` and :meth:`predict_batch` post-process the stitched maps band by band and never hold them whole
-    (:mod:`.banded`); the network runs twice per tile.
+    (:mod:`.banded`); the network runs twice per tile. ``tile_context_passes``: backbone passes over the tiles
+    that gather the whole image's averages for layers that average their input (:meth:`_image_averages`); a second
+    pass costs one more backbone run per tile and brings the tiled result closer to the whole image's.
     """
 
     def __init__(
@@ -200,6 +202,7 @@ class Predictor:
         tile: Sequence[int] | None = None,
         tile_overlap: int | None = None,
         low_memory: bool = False,
+        tile_context_passes: int = 1,
     ) -> None:
         if isinstance(cfg, Config):
             model_cfg, post_cfg = cfg.model, cfg.postprocess
@@ -232,6 +235,9 @@ class Predictor:
         if low_memory and tile is None:
             raise ValueError("low_memory post-processes tiled predictions in bands: it needs a tile size")
         self.low_memory = bool(low_memory)
+        if not isinstance(tile_context_passes, int) or tile_context_passes < 1:
+            raise ValueError(f"tile_context_passes must be a whole number of at least 1, got {tile_context_passes!r}")
+        self.tile_context_passes = tile_context_passes
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.model_cfg = model_cfg
@@ -410,12 +416,20 @@ class Predictor:
 
     def _image_averages(self, image: Tensor) -> list[list[Tensor]] | None:
         """For a tiled image and a network that averages over its whole input (image pooling, squeeze-excite): per
-        TTA view, the averages over the whole image of the maps it averages (``global_average_inputs``), gathered
-        tile by tile, each pixel weighted once by its :func:`.tiling.tile_shares`; None for networks without such
-        averages and for exported graphs. One backbone pass per tile, in which each squeeze-excite block still
-        sees the tile's own averages upstream: the whole image's are then nearly, not exactly, reproduced."""
+        TTA view, the averages over the whole image of the maps it averages (``global_average_inputs``); None for
+        networks without such averages and for exported graphs. ``tile_context_passes`` backbone passes over the
+        tiles: in the first, each squeeze-excite block sees the tile's own averages upstream, so the whole image's
+        are nearly, not exactly, reproduced; each further pass runs with the previous pass's averages."""
         if not getattr(self.model, "pools_globally", False):  # an exported graph averages as it was exported
             return None
+        averages = None
+        for _ in range(self.tile_context_passes):
+            averages = self._gather_averages(image, averages)
+        return averages
+
+    def _gather_averages(self, image: Tensor, previous: list[list[Tensor]] | None) -> list[list[Tensor]]:
+        """One pass of :meth:`_image_averages`: the tiles' maps averaged, each pixel weighted once by its
+        :func:`.tiling.tile_shares`, the network running with the ``previous`` pass's averages when given."""
         assert self.tile is not None
         views = self._view_list()
         sums: list[list[Tensor]] = [[] for _ in views]
@@ -430,7 +444,8 @@ class Predictor:
                 if flip:
                     view, view_share = view.flip(-1), view_share.flip(-1)
                 batch = self._pad_batch([view])
-                with self._arithmetic():
+                upstream = nullcontext() if previous is None else self.model.image_averages(previous[v])
+                with self._arithmetic(), upstream:
                     maps = self.model.global_average_inputs(batch)
                 # The share of each feature cell: the shares of the input pixels it covers (padding has none).
                 padding = (0, batch.shape[-1] - view.shape[-1], 0, batch.shape[-2] - view.shape[-2])

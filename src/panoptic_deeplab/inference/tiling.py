@@ -14,8 +14,9 @@ those that cross tile borders.
 A network that averages over its whole input (the ASPP's image-pooling branch, MobileNetV3's squeeze-excite
 blocks) would see a different context in each tile than in the whole image; the predictor first averages what
 those layers average over all tiles (weighted by :func:`tile_shares`, so each pixel counts once) and runs every
-tile with the image's averages (``PanopticDeepLab.image_averages``). That costs a second backbone pass per tile
-and brings the tiled result close to the whole-image one (README "Large images").
+tile with the image's averages (``PanopticDeepLab.image_averages``). That costs one more backbone pass per tile
+(per context pass: ``Predictor(tile_context_passes=...)``) and brings the tiled result close to the whole-image one
+(README "Large images").
 
 The network's memory is bounded by the tile. :func:`stitch_tiles` returns image-sized maps, (classes + 3) float32
 values per image pixel; :func:`stitch_bands` gives the same maps a band of rows at a time, holding one row of
