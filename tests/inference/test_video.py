@@ -110,3 +110,34 @@ def test_cli_predict_video_and_refusals(clip, tmp_path, capsys, monkeypatch):
     assert main([*argv, "--input", str(path), "--output", str(tmp_path / "z")]) == 2
     assert ("reading and writing videos needs the 'video' extra (PyAV is not installed): pip install "
             "'panoptic-deeplab[video]'") in capsys.readouterr().err
+
+
+def test_a_long_video_streams_one_frame_at_a_time(tmp_path, monkeypatch):
+    """300 frames written, read back and predicted: the decoder is never more than one frame ahead of the results
+    (memory stays constant whatever the length; benchmarks/bench_video.py measures it) and every frame has its
+    prediction in the committed set."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_tracking import colour_predictor
+
+    import panoptic_deeplab.inference.video as video_module
+
+    path = tmp_path / "long.mp4"
+    with VideoWriter(path, 25) as writer:
+        for image, _ in synthetic_sequence(300, (96, 192), OBJECTS):
+            writer.write(image)
+    decoded = []
+
+    def counted(video):
+        for frame in read_frames(video):
+            decoded.append(len(decoded))
+            yield frame
+
+    monkeypatch.setattr(video_module, "read_frames", counted)
+    ahead = []
+    for index, (name, frame, result) in enumerate(predict_video(colour_predictor(), path, tmp_path / "p.json",
+                                                                  tmp_path / "png")):
+        ahead.append(len(decoded) - index)
+        assert name == f"long_{index:06d}" and result.label_map.shape == frame.shape[:2] == (96, 192)
+    assert len(ahead) == 300 and max(ahead) == 1
+    assert len(load_panoptic_json(tmp_path / "p.json").images) == 300
+    assert len(list((tmp_path / "png").iterdir())) == 300
