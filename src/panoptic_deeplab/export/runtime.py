@@ -28,7 +28,7 @@ from panoptic_deeplab.config import Config, PostProcessConfig, config_from_dict
 from panoptic_deeplab.data.coco_panoptic import DatasetMeta
 from panoptic_deeplab.inference.postprocess import Instances, PanopticPrediction
 from panoptic_deeplab.inference.predictor import ImageInput, Predictor, image_to_tensor
-from panoptic_deeplab.inference.results import PanopticResult, result_from_prediction
+from panoptic_deeplab.inference.results import PanopticResult, result_from_prediction, warn_if_centers_dropped
 
 METADATA_KEY = "panoptic_deeplab"  # metadata_props key of the JSON written by export_onnx
 METADATA_VERSION = 2  # 2: the whole pipeline can be inside ('postprocess')
@@ -173,6 +173,8 @@ class OnnxPanopticPredictor:
         )
         prediction = PanopticPrediction(label_map, tensor("semantic"), tensor("centers")[:count],
                                         tensor("center_scores")[:count], instances)
+        warn_if_centers_dropped(prediction, self.postprocess_cfg.top_k, f"{self.path} keeps the top_k it was "
+                                "exported with: export with --no-postprocess and predict with --top-k")
         return result_from_prediction(prediction, tensor("center"), tensor("offset"), self.meta)
 
 

@@ -43,6 +43,7 @@ from panoptic_deeplab.inference.results import (
     PanopticPredictionWriter,
     PanopticResult,
     result_from_prediction,
+    warn_if_centers_dropped,
 )
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
@@ -560,15 +561,8 @@ class Predictor:
         return prediction
 
     def _warn_if_centers_dropped(self, prediction: PanopticPrediction) -> None:
-        # Large images hold more objects than the references' top_k (200) was chosen for: the centers past it are
-        # dropped and their pixels join a neighbour's instance, which silently merges objects. Reported where it is
-        # raised: inference_mode wrappers sit between here and the user's call, so no stack level reaches it.
-        top_k = self.postprocess_cfg.top_k
-        if prediction.centers.shape[0] >= top_k:
-            warnings.warn(
-                f"an image reached top_k={top_k} instance centers: any further objects were merged into their "
-                f"neighbours; raise top_k (predict --top-k, at most {self.meta.label_divisor - 1})", stacklevel=1
-            )
+        warn_if_centers_dropped(prediction, self.postprocess_cfg.top_k,
+                                f"raise top_k (predict --top-k, at most {self.meta.label_divisor - 1})")
 
 
 Key = TypeVar("Key")

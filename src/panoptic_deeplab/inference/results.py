@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -112,6 +113,16 @@ class PanopticResult:
         )
         save_panoptic_json(out / f"{stem}.json", dataset)
         return annotation
+
+
+def warn_if_centers_dropped(prediction: PanopticPrediction, top_k: int, remedy: str) -> None:
+    """Warn when an image reached ``top_k`` centers. Large images hold more objects than the references' top_k (200)
+    was chosen for: the centers past it are dropped and their pixels join a neighbour's instance, which silently
+    merges objects. ``remedy`` says how to raise it. Reported where it is raised: inference_mode wrappers sit
+    between here and the user's call, so no stack level reaches it."""
+    if prediction.centers.shape[0] >= top_k:
+        warnings.warn(f"an image reached top_k={top_k} instance centers: any further objects were merged into their "
+                      f"neighbours; {remedy}", stacklevel=1)
 
 
 def result_from_prediction(
