@@ -136,6 +136,10 @@ def test_image_averages_with_the_inputs_own_means_change_nothing(tiny_config) ->
                        r"image-pooling branches\), got 1$"):
         with model.image_averages(means[-1:]):
             pass
+    local_pooling = build_model(tiny_config(aspp_pool_kernel=(2, 2)))
+    with pytest.raises(ValueError, match=r"^expected 8 averages \(one per squeeze-excite block\), got 9$"):
+        with local_pooling.image_averages(means):
+            pass
 
 
 @pytest.mark.parametrize(

@@ -149,8 +149,9 @@ class PanopticDeepLab(nn.Module):
         own input: a tile then sees the image's context (inference/tiling.py)."""
         blocks, branches = self._squeeze_excites(), self._global_pooling_branches()
         if len(means) != len(blocks) + bool(branches):
-            raise ValueError(f"expected {len(blocks) + bool(branches)} averages (one per squeeze-excite block, then "
-                             f"one for the image-pooling branches), got {len(means)}")
+            pooling = ", then one for the image-pooling branches" if branches else ""
+            raise ValueError(f"expected {len(blocks) + bool(branches)} averages (one per squeeze-excite block"
+                             f"{pooling}), got {len(means)}")
         # timm's SqueezeExcite.forward (models/_efficientnet_blocks.py) averages its input and hands the average to
         # conv_reduce: replacing conv_reduce's input replaces the average.
         hooks = [block.conv_reduce.register_forward_pre_hook(_input_replaced_by(mean))
