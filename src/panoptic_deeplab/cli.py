@@ -379,8 +379,10 @@ def _run_predict(args: argparse.Namespace) -> int:
                   f"{args.device} (ONNX Runtime runs on the CPU here) nor --precision {args.precision} (the graph "
                   "runs as exported)", file=sys.stderr)
             return EXIT_BAD_INPUT
-        # A whole-pipeline file refuses other post-processing settings (onnx_predictor says so).
-        postprocess = _with_top_k(read_onnx_metadata(args.onnx)["config"], f"metadata of {args.onnx}", args.top_k)
+        # Parsing the file costs as much as loading it: only for --top-k. A whole-pipeline file refuses other
+        # post-processing settings (onnx_predictor says so).
+        postprocess = None if args.top_k is None else _with_top_k(
+            read_onnx_metadata(args.onnx)["config"], f"metadata of {args.onnx}", args.top_k)
         predictor = onnx_predictor(args.onnx, postprocess=postprocess, **options)
         if (args.sequence or video) and not isinstance(predictor, Predictor):
             print(f"error: videos and --sequence need the network only: {args.onnx} holds the whole pipeline "

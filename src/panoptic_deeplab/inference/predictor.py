@@ -450,7 +450,8 @@ class Predictor:
                     maps = self.model.global_average_inputs(batch)
                 # The share of each feature cell: the shares of the input pixels it covers (padding has none).
                 padding = (0, batch.shape[-1] - view.shape[-1], 0, batch.shape[-2] - view.shape[-2])
-                cell_shares = [F.adaptive_avg_pool2d(F.pad(view_share, padding), m.shape[-2:]) for m in maps]
+                padded_share = F.pad(view_share, padding)
+                cell_shares = [F.adaptive_avg_pool2d(padded_share, m.shape[-2:]) for m in maps]
                 totals = [(m.float() * c).sum(dim=(2, 3), keepdim=True) for m, c in zip(maps, cell_shares)]
                 cell_weights = [float(c.sum()) for c in cell_shares]
                 sums[v] = [a + b for a, b in zip(sums[v], totals)] if sums[v] else totals
